@@ -1,0 +1,23 @@
+// Run-time choice of the CPU kernel implementation. The AVX2 kernels live in their own
+// translation units compiled with -mavx2 -mfma -mf16c; nothing else may use those flags, so a wheel
+// never executes an AVX2 instruction on a CPU without it.
+#pragma once
+
+namespace slimformer {
+
+enum class CpuIsa : int { kScalar = 0, kAvx2 = 1 };
+
+// True when the CPU supports AVX2, FMA and F16C.
+bool cpu_supports_avx2();
+
+// The implementation the kernels use now: the best supported one unless forced to scalar by
+// set_cpu_isa() or the SLIMFORMER_CPU_ISA=scalar environment variable (read once at start-up).
+CpuIsa active_cpu_isa();
+
+// Force an implementation ("scalar", "avx2" or "auto"); returns false if the name is unknown or
+// the CPU lacks the ISA.
+bool set_cpu_isa(const char* name);
+
+const char* cpu_isa_name(CpuIsa isa);
+
+}  // namespace slimformer

@@ -1,0 +1,54 @@
+// Torch-free CPU kernels for y = x @ W with W in GPTQ checkpoint layout (see gptq_format.h).
+// The ATen adapter (gptq_cpu_op.cpp) validates inputs, converts x to fp32, splits the columns
+// across threads and picks the scalar or AVX2 implementation at run time.
+#pragma once
+#include <stdint.h>
+
+#include "gptq/gptq_format.h"
+
+namespace slimformer {
+namespace gptq {
+
+// A maximal run of consecutive k with the same group index. Sequential checkpoints have one
+// segment per group; act-order checkpoints (unsorted g_idx) have many short ones, which is why
+// QuantLinear permutes K once at load time so that groups become contiguous again.
+struct Segment {
+  int64_t k_begin;
+  int64_t k_end;
+  int64_t group;
+};
+
+struct Weights {
+  const int32_t* qweight;  // [K*bits/32, N]
+  const int32_t* qzeros;   // [G, zeros_stride]
+  const void* scales;      // [G, N]
+  const int32_t* g_idx;    // [K]
+  ScaleType scale_type;
+  int64_t K, N, G, zeros_stride;
+  int bits;
+  int zero_offset;  // 1: "gptq" (v1), 0: "gptq_v2"
+};
+
+// Small-batch path: accumulate x[m, k] * q(k, n) per segment in fp32, then fold scale and zero
+// point once per segment: y[m, n] += s[g, n] * (acc - z[g, n] * sum_{k in seg} x[m, k]).
+struct GemvArgs {
+  Weights w;
+  const float* x;     // [M, K] contiguous
+  const float* xsum;  // [M, nseg]: sum of x[m, k] over each segment
+  const Segment* segs;
+  int64_t nseg, M;
+  float* y;  // [M, N] contiguous; columns [n_begin, n_end) are overwritten
+};
+
+// Large-batch path: dequantize W[k_begin:k_end, n_begin:n_end] into out (row stride ld) as fp32.
+void dequantize_scalar(const Weights& w, int64_t k_begin, int64_t k_end, int64_t n_begin,
+                       int64_t n_end, float* out, int64_t ld);
+void gemv_scalar(const GemvArgs& a, int64_t n_begin, int64_t n_end);
+
+// AVX2+FMA+F16C versions; callers check cpu_has_avx2() first.
+void dequantize_avx2(const Weights& w, int64_t k_begin, int64_t k_end, int64_t n_begin,
+                     int64_t n_end, float* out, int64_t ld);
+void gemv_avx2(const GemvArgs& a, int64_t n_begin, int64_t n_end);
+
+}  // namespace gptq
+}  // namespace slimformer

@@ -1,0 +1,205 @@
+// AVX2 + FMA + F16C CPU kernels (this file alone is compiled with -mavx2 -mfma -mf16c; the
+// adapter only calls in after checking the CPU at run time).
+//
+// gemv_avx2 (batch 1..8 and beyond): columns are processed in L1-sized blocks of kBlock. For each
+// segment (run of k with one group) the integer weights are unpacked in registers and multiplied
+// into fp32 accumulators for up to 4 rows of x at a time, so each unpacked weight vector feeds up
+// to 8 FMAs; the scale and zero point are applied once per segment (zero folded through the sum
+// of x over the segment). Weight rows are read as contiguous runs of kBlock columns.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <utility>
+
+#include "gptq/gptq_cpu.h"
+
+namespace slimformer {
+namespace gptq {
+namespace {
+
+constexpr int kTile = 16;    // columns per register tile: two ymm of 8 int32 words
+constexpr int kBlock = 128;  // columns per block: acc buffer of 4 rows x 128 fp32 = 2 KiB
+constexpr int kMaxRows = 4;  // rows of x per pass over a block
+
+constexpr int vpu(int bits) { return bits == 3 ? 32 : 32 / bits; }  // values per unit
+constexpr int wpu(int bits) { return bits == 3 ? 3 : 1; }           // words per unit
+
+// Value J of the unit starting at `w` for 8 consecutive columns (word stride N between rows of
+// the unit). Same bit positions as unpack_unit() in gptq_format.h, resolved at compile time.
+template <int BITS, int J>
+inline __m256i unpack8(const int32_t* w, int64_t N) {
+  constexpr int bit = BITS * J, wi = bit >> 5, sh = bit & 31;
+  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + wi * N));
+  if constexpr (sh != 0) v = _mm256_srli_epi32(v, sh);
+  if constexpr (sh + BITS > 32) {
+    const __m256i nx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (wi + 1) * N));
+    v = _mm256_or_si256(v, _mm256_slli_epi32(nx, 32 - sh));
+  }
+  if constexpr (sh + BITS != 32) v = _mm256_and_si256(v, _mm256_set1_epi32((1 << BITS) - 1));
+  return v;
+}
+
+template <int BITS, int MT, int J>
+inline void fma_step(const int32_t* w, int64_t N, const float* const* xp, __m256 (&acc)[MT][2]) {
+  const __m256 v0 = _mm256_cvtepi32_ps(unpack8<BITS, J>(w, N));
+  const __m256 v1 = _mm256_cvtepi32_ps(unpack8<BITS, J>(w + 8, N));
+  for (int m = 0; m < MT; ++m) {
+    const __m256 xv = _mm256_broadcast_ss(xp[m] + J);
+    acc[m][0] = _mm256_fmadd_ps(v0, xv, acc[m][0]);
+    acc[m][1] = _mm256_fmadd_ps(v1, xv, acc[m][1]);
+  }
+}
+
+template <int BITS, int MT, int... J>
+inline void fma_unit(const int32_t* w, int64_t N, const float* const* xp, __m256 (&acc)[MT][2],
+                     std::integer_sequence<int, J...>) {
+  (fma_step<BITS, MT, J>(w, N, xp, acc), ...);
+}
+
+inline __m256 load_scales8(const Weights& w, int64_t g, int64_t n) {
+  const int64_t idx = g * w.N + n;
+  switch (w.scale_type) {
+    case ScaleType::kFloat16:
+      return _mm256_cvtph_ps(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w.scales) + idx)));
+    case ScaleType::kBFloat16: {
+      const __m128i b = _mm_loadu_si128(
+          reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w.scales) + idx));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16));
+    }
+    default:
+      return _mm256_loadu_ps(static_cast<const float*>(w.scales) + idx);
+  }
+}
+
+inline __m256 load_zeros8(const Weights& w, int64_t g, int64_t n) {
+  alignas(32) float z[8];
+  const int32_t* row = w.qzeros + g * w.zeros_stride;
+  for (int i = 0; i < 8; ++i) z[i] = zero_point(row, n + i, w.bits, w.zero_offset);
+  return _mm256_load_ps(z);
+}
+
+// y[m0:m0+MT, nb0:nb0+ntiles*kTile] += x[m0:m0+MT] @ W[:, same columns]
+template <int BITS, int MT>
+void gemv_block(const GemvArgs& a, int64_t m0, int64_t nb0, int ntiles) {
+  constexpr int VPU = vpu(BITS), WPU = wpu(BITS);
+  const Weights& w = a.w;
+  const int64_t N = w.N, K = w.K;
+  alignas(32) float acc_buf[MT][kBlock];
+  alignas(32) float xpad[MT][32];
+  const float* xrow[MT];
+  for (int m = 0; m < MT; ++m) xrow[m] = a.x + (m0 + m) * K;
+
+  for (int64_t s = 0; s < a.nseg; ++s) {
+    const Segment seg = a.segs[s];
+    for (int m = 0; m < MT; ++m) std::fill(acc_buf[m], acc_buf[m] + ntiles * kTile, 0.f);
+    const int64_t u_end = (seg.k_end + VPU - 1) / VPU;
+    for (int64_t u = seg.k_begin / VPU; u < u_end; ++u) {
+      const int64_t k0 = u * VPU;
+      const float* xp[MT];
+      if (k0 >= seg.k_begin && k0 + VPU <= seg.k_end) {
+        for (int m = 0; m < MT; ++m) xp[m] = xrow[m] + k0;
+      } else {  // unit straddles the segment: values outside it contribute zero
+        for (int m = 0; m < MT; ++m) {
+          for (int j = 0; j < VPU; ++j) {
+            const int64_t k = k0 + j;
+            xpad[m][j] = (k >= seg.k_begin && k < seg.k_end) ? xrow[m][k] : 0.f;
+          }
+          xp[m] = xpad[m];
+        }
+      }
+      const int32_t* wu = w.qweight + u * WPU * N + nb0;
+      for (int t = 0; t < ntiles; ++t) {
+        __m256 acc[MT][2];
+        for (int m = 0; m < MT; ++m) {
+          acc[m][0] = _mm256_load_ps(acc_buf[m] + t * kTile);
+          acc[m][1] = _mm256_load_ps(acc_buf[m] + t * kTile + 8);
+        }
+        fma_unit<BITS, MT>(wu + t * kTile, N, xp, acc, std::make_integer_sequence<int, VPU>{});
+        for (int m = 0; m < MT; ++m) {
+          _mm256_store_ps(acc_buf[m] + t * kTile, acc[m][0]);
+          _mm256_store_ps(acc_buf[m] + t * kTile + 8, acc[m][1]);
+        }
+      }
+    }
+    // Fold scale and zero point: y += s * (acc - z * sum(x over segment)).
+    for (int c = 0; c < ntiles * kTile; c += 8) {
+      const int64_t n = nb0 + c;
+      const __m256 sv = load_scales8(w, seg.group, n);
+      const __m256 zv = load_zeros8(w, seg.group, n);
+      for (int m = 0; m < MT; ++m) {
+        float* y = a.y + (m0 + m) * N + n;
+        const __m256 xs = _mm256_set1_ps(a.xsum[(m0 + m) * a.nseg + s]);
+        const __m256 t = _mm256_fnmadd_ps(zv, xs, _mm256_load_ps(acc_buf[m] + c));
+        _mm256_storeu_ps(y, _mm256_fmadd_ps(sv, t, _mm256_loadu_ps(y)));
+      }
+    }
+  }
+}
+
+template <int BITS>
+void gemv_rows(const GemvArgs& a, int64_t m0, int mt, int64_t nb0, int ntiles) {
+  switch (mt) {
+    case 1: return gemv_block<BITS, 1>(a, m0, nb0, ntiles);
+    case 2: return gemv_block<BITS, 2>(a, m0, nb0, ntiles);
+    case 3: return gemv_block<BITS, 3>(a, m0, nb0, ntiles);
+    default: return gemv_block<BITS, 4>(a, m0, nb0, ntiles);
+  }
+}
+
+}  // namespace
+
+void gemv_avx2(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
+  const int64_t N = a.w.N;
+  const int64_t n_vec_end = n_begin + (n_end - n_begin) / kTile * kTile;
+  for (int64_t m = 0; m < a.M; ++m) std::fill(a.y + m * N + n_begin, a.y + m * N + n_vec_end, 0.f);
+  for (int64_t nb0 = n_begin; nb0 < n_vec_end; nb0 += kBlock) {
+    const int ntiles = static_cast<int>(std::min<int64_t>(kBlock, n_vec_end - nb0) / kTile);
+    for (int64_t m0 = 0; m0 < a.M; m0 += kMaxRows) {
+      const int mt = static_cast<int>(std::min<int64_t>(kMaxRows, a.M - m0));
+      switch (a.w.bits) {
+        case 2: gemv_rows<2>(a, m0, mt, nb0, ntiles); break;
+        case 3: gemv_rows<3>(a, m0, mt, nb0, ntiles); break;
+        case 4: gemv_rows<4>(a, m0, mt, nb0, ntiles); break;
+        default: gemv_rows<8>(a, m0, mt, nb0, ntiles); break;
+      }
+    }
+  }
+  if (n_vec_end < n_end) gemv_scalar(a, n_vec_end, n_end);  // < kTile leftover columns
+}
+
+void dequantize_avx2(const Weights& w, int64_t k_begin, int64_t k_end, int64_t n_begin,
+                     int64_t n_end, float* out, int64_t ld) {
+  const int64_t n_vec_end = n_begin + (n_end - n_begin) / 8 * 8;
+  const __m256i mask = _mm256_set1_epi32(static_cast<int>(value_mask(w.bits)));
+  for (int64_t n = n_begin; n < n_vec_end; n += 8) {
+    int64_t g_cached = -1;
+    __m256 sv = _mm256_setzero_ps(), zv = _mm256_setzero_ps();
+    for (int64_t k = k_begin; k < k_end; ++k) {
+      const int64_t g = w.g_idx[k];
+      if (g != g_cached) {  // sorted g_idx: once per group
+        sv = load_scales8(w, g, n);
+        zv = load_zeros8(w, g, n);
+        g_cached = g;
+      }
+      const int64_t bit = static_cast<int64_t>(w.bits) * k;
+      const int sh = static_cast<int>(bit & 31);
+      const int32_t* row = w.qweight + (bit >> 5) * w.N + n;
+      __m256i v = _mm256_srl_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row)),
+                                   _mm_cvtsi32_si128(sh));
+      if (sh + w.bits > 32) {
+        const __m256i nx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + w.N));
+        v = _mm256_or_si256(v, _mm256_sll_epi32(nx, _mm_cvtsi32_si128(32 - sh)));
+      }
+      const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(v, mask));
+      _mm256_storeu_ps(out + (k - k_begin) * ld + (n - n_begin), _mm256_mul_ps(sv, _mm256_sub_ps(q, zv)));
+    }
+  }
+  if (n_vec_end < n_end) {
+    // Leftover columns: scalar, written at their offset inside `out`.
+    dequantize_scalar(w, k_begin, k_end, n_vec_end, n_end, out + (n_vec_end - n_begin), ld);
+  }
+}
+
+}  // namespace gptq
+}  // namespace slimformer

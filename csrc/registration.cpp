@@ -1,0 +1,14 @@
+// Every slimformer op schema, one place. Backend files add TORCH_LIBRARY_IMPL(slimformer, CPU|CUDA);
+// fake (meta) implementations live beside the Python wrappers (python/slimformer/ops/).
+#include <torch/library.h>
+
+TORCH_LIBRARY(slimformer, m) {
+  // y = x @ W (+ bias), W in GPTQ checkpoint layout; perm (optional) gathers x's last dim first.
+  m.def(
+      "gptq_gemm(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx, Tensor? perm, "
+      "Tensor? bias, int bits, int zero_offset) -> Tensor");
+  // W [K, N] in scales' dtype, dequantized from GPTQ checkpoint layout.
+  m.def(
+      "gptq_dequantize(Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx, int bits, "
+      "int zero_offset) -> Tensor");
+}

@@ -1,0 +1,25 @@
+"""GPTQ: checkpoint format helpers (packing), pure-PyTorch references, and (later) the quantizer."""
+from .packing import (
+    CHECKPOINT_FORMATS,
+    SUPPORTED_BITS,
+    pack_cols,
+    pack_rows,
+    quantize_to_grid,
+    unpack_cols,
+    unpack_rows,
+    zero_offset,
+)
+from .reference import dequantize_reference, gptq_linear_reference
+
+__all__ = [
+    "CHECKPOINT_FORMATS",
+    "SUPPORTED_BITS",
+    "dequantize_reference",
+    "gptq_linear_reference",
+    "pack_cols",
+    "pack_rows",
+    "quantize_to_grid",
+    "unpack_cols",
+    "unpack_rows",
+    "zero_offset",
+]

@@ -1,0 +1,4 @@
+"""Typed wrappers over ``torch.ops.slimformer.*`` and their fake (meta) implementations."""
+from .gptq import gptq_dequantize, gptq_gemm
+
+__all__ = ["gptq_dequantize", "gptq_gemm"]

@@ -1,0 +1,45 @@
+"""GPTQ dequantize-matmul ops.
+
+Shapes (GPTQ checkpoint layout, see :mod:`slimformer.gptq.packing`)::
+
+    x        (..., in)                    float32 / float16 / bfloat16
+    qweight  (in * bits / 32, out)        int32
+    qzeros   (groups, ceil(out*bits/32))  int32
+    scales   (groups, out)                float16 / bfloat16 / float32
+    g_idx    (in,)                        int32, group of each input feature
+    perm     (in,) or None                int32 / int64: x[..., perm] is used instead of x
+    bias     (out,) or None
+    -> y     (..., out)                   x's dtype
+"""
+from __future__ import annotations
+
+import torch
+
+_ops = torch.ops.slimformer
+
+
+def gptq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+              g_idx: torch.Tensor, bits: int, zero_offset: int, bias: torch.Tensor | None = None,
+              perm: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x[..., perm] @ W (+ bias), W[k, n] = scales[g, n] * (q[k, n] - z[g, n] - zero_offset).
+
+    ``zero_offset`` is 1 for checkpoint_format "gptq" (stored zero - 1) and 0 for "gptq_v2".
+    """
+    return _ops.gptq_gemm(x, qweight, qzeros, scales, g_idx, perm, bias, bits, zero_offset)
+
+
+def gptq_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+                    bits: int, zero_offset: int) -> torch.Tensor:
+    """The full-precision weight W (in, out) in scales' dtype."""
+    return _ops.gptq_dequantize(qweight, qzeros, scales, g_idx, bits, zero_offset)
+
+
+@torch.library.register_fake("slimformer::gptq_gemm")
+def _gptq_gemm_fake(x, qweight, qzeros, scales, g_idx, perm, bias, bits, zero_offset):
+    torch._check(x.shape[-1] == g_idx.shape[0], lambda: "x's last dimension must equal in_features")
+    return x.new_empty((*x.shape[:-1], qweight.shape[1]))
+
+
+@torch.library.register_fake("slimformer::gptq_dequantize")
+def _gptq_dequantize_fake(qweight, qzeros, scales, g_idx, bits, zero_offset):
+    return scales.new_empty((g_idx.shape[0], qweight.shape[1]))
