@@ -34,6 +34,7 @@ struct Weights {
 struct GemvArgs {
   Weights w;
   const float* x;     // [M, K] contiguous
+  const float* x_prescaled;  // [M, K]: x through prescale_x_avx2 (AVX2 path only)
   const float* xsum;  // [M, nseg]: sum of x[m, k] over each segment
   const Segment* segs;
   int64_t nseg, M;
@@ -48,6 +49,9 @@ void gemv_scalar(const GemvArgs& a, int64_t n_begin, int64_t n_end);
 // AVX2+FMA+F16C versions; callers check cpu_has_avx2() first.
 void dequantize_avx2(const Weights& w, int64_t k_begin, int64_t k_end, int64_t n_begin,
                      int64_t n_end, float* out, int64_t ld);
+// gemv_avx2 reads some packed values in place (scaled by a power of two); its x must be
+// prescaled by this function (exact: powers of two). xsum stays the sum of the unscaled x.
+void prescale_x_avx2(int bits, const float* x, int64_t M, int64_t K, float* out);
 void gemv_avx2(const GemvArgs& a, int64_t n_begin, int64_t n_end);
 
 }  // namespace gptq

@@ -18,41 +18,59 @@ namespace gptq {
 namespace {
 
 constexpr int kTile = 16;    // columns per register tile: two ymm of 8 int32 words
-constexpr int kBlock = 128;  // columns per block: acc buffer of 4 rows x 128 fp32 = 2 KiB
+constexpr int kBlock = 512;  // columns per block: acc buffer of 4 rows x 512 fp32 = 8 KiB
 constexpr int kMaxRows = 4;  // rows of x per pass over a block
 
 constexpr int vpu(int bits) { return bits == 3 ? 32 : 32 / bits; }  // values per unit
 constexpr int wpu(int bits) { return bits == 3 ? 3 : 1; }           // words per unit
 
+// Value J of a unit is read "in place" when it fits below the sign bit: (word & (mask << sh))
+// converts exactly to q * 2^sh, and x was pre-scaled by 2^-sh (prescale_x_avx2), so the product
+// is exactly x * q with one shift fewer per vector. The top value of a word is shifted down
+// instead, and 3-bit values that straddle two words are assembled from both.
+constexpr int fold_shift(int bits, int j) {
+  return ((bits * j) & 31) + bits <= 31 ? (bits * j) & 31 : 0;
+}
+
 // Value J of the unit starting at `w` for 8 consecutive columns (word stride N between rows of
-// the unit). Same bit positions as unpack_unit() in gptq_format.h, resolved at compile time.
+// the unit), times 2^fold_shift(BITS, J). Bit positions as unpack_unit() in gptq_format.h.
 template <int BITS, int J>
 inline __m256i unpack8(const int32_t* w, int64_t N) {
   constexpr int bit = BITS * J, wi = bit >> 5, sh = bit & 31;
+  constexpr uint32_t mask = (1u << BITS) - 1u;
   __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + wi * N));
-  if constexpr (sh != 0) v = _mm256_srli_epi32(v, sh);
-  if constexpr (sh + BITS > 32) {
+  if constexpr (sh + BITS <= 31) {
+    return _mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(mask << sh)));
+  } else if constexpr (sh + BITS == 32) {
+    return _mm256_srli_epi32(v, sh);
+  } else {
     const __m256i nx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (wi + 1) * N));
-    v = _mm256_or_si256(v, _mm256_slli_epi32(nx, 32 - sh));
+    v = _mm256_or_si256(_mm256_srli_epi32(v, sh), _mm256_slli_epi32(nx, 32 - sh));
+    return _mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(mask)));
   }
-  if constexpr (sh + BITS != 32) v = _mm256_and_si256(v, _mm256_set1_epi32((1 << BITS) - 1));
-  return v;
 }
 
+// Independent accumulator sets per row and half-tile: an FMA has 4 cycles of latency and two
+// issue ports, so 8 chains in flight are needed to keep the FMA units busy. Rows provide chains
+// for MT >= 4; with fewer rows, consecutive values j rotate through `phases` sets.
+constexpr int phases(int mt) { return mt >= 3 ? 1 : 4 / mt; }
+
 template <int BITS, int MT, int J>
-inline void fma_step(const int32_t* w, int64_t N, const float* const* xp, __m256 (&acc)[MT][2]) {
+inline void fma_step(const int32_t* w, int64_t N, const float* const* xp,
+                     __m256 (&acc)[phases(MT)][MT][2]) {
+  constexpr int P = J % phases(MT);
   const __m256 v0 = _mm256_cvtepi32_ps(unpack8<BITS, J>(w, N));
   const __m256 v1 = _mm256_cvtepi32_ps(unpack8<BITS, J>(w + 8, N));
   for (int m = 0; m < MT; ++m) {
     const __m256 xv = _mm256_broadcast_ss(xp[m] + J);
-    acc[m][0] = _mm256_fmadd_ps(v0, xv, acc[m][0]);
-    acc[m][1] = _mm256_fmadd_ps(v1, xv, acc[m][1]);
+    acc[P][m][0] = _mm256_fmadd_ps(v0, xv, acc[P][m][0]);
+    acc[P][m][1] = _mm256_fmadd_ps(v1, xv, acc[P][m][1]);
   }
 }
 
 template <int BITS, int MT, int... J>
-inline void fma_unit(const int32_t* w, int64_t N, const float* const* xp, __m256 (&acc)[MT][2],
-                     std::integer_sequence<int, J...>) {
+inline void fma_unit(const int32_t* w, int64_t N, const float* const* xp,
+                     __m256 (&acc)[phases(MT)][MT][2], std::integer_sequence<int, J...>) {
   (fma_step<BITS, MT, J>(w, N, xp, acc), ...);
 }
 
@@ -88,7 +106,7 @@ void gemv_block(const GemvArgs& a, int64_t m0, int64_t nb0, int ntiles) {
   alignas(32) float acc_buf[MT][kBlock];
   alignas(32) float xpad[MT][32];
   const float* xrow[MT];
-  for (int m = 0; m < MT; ++m) xrow[m] = a.x + (m0 + m) * K;
+  for (int m = 0; m < MT; ++m) xrow[m] = a.x_prescaled + (m0 + m) * K;
 
   for (int64_t s = 0; s < a.nseg; ++s) {
     const Segment seg = a.segs[s];
@@ -110,15 +128,21 @@ void gemv_block(const GemvArgs& a, int64_t m0, int64_t nb0, int ntiles) {
       }
       const int32_t* wu = w.qweight + u * WPU * N + nb0;
       for (int t = 0; t < ntiles; ++t) {
-        __m256 acc[MT][2];
+        constexpr int P = phases(MT);
+        __m256 acc[P][MT][2];
         for (int m = 0; m < MT; ++m) {
-          acc[m][0] = _mm256_load_ps(acc_buf[m] + t * kTile);
-          acc[m][1] = _mm256_load_ps(acc_buf[m] + t * kTile + 8);
+          acc[0][m][0] = _mm256_load_ps(acc_buf[m] + t * kTile);
+          acc[0][m][1] = _mm256_load_ps(acc_buf[m] + t * kTile + 8);
+          for (int p = 1; p < P; ++p) acc[p][m][0] = acc[p][m][1] = _mm256_setzero_ps();
         }
         fma_unit<BITS, MT>(wu + t * kTile, N, xp, acc, std::make_integer_sequence<int, VPU>{});
         for (int m = 0; m < MT; ++m) {
-          _mm256_store_ps(acc_buf[m] + t * kTile, acc[m][0]);
-          _mm256_store_ps(acc_buf[m] + t * kTile + 8, acc[m][1]);
+          for (int p = 1; p < P; ++p) {
+            acc[0][m][0] = _mm256_add_ps(acc[0][m][0], acc[p][m][0]);
+            acc[0][m][1] = _mm256_add_ps(acc[0][m][1], acc[p][m][1]);
+          }
+          _mm256_store_ps(acc_buf[m] + t * kTile, acc[0][m][0]);
+          _mm256_store_ps(acc_buf[m] + t * kTile + 8, acc[0][m][1]);
         }
       }
     }
@@ -147,7 +171,24 @@ void gemv_rows(const GemvArgs& a, int64_t m0, int mt, int64_t nb0, int ntiles) {
   }
 }
 
+template <int BITS>
+void prescale(const float* x, int64_t M, int64_t K, float* out) {
+  constexpr int VPU = vpu(BITS);
+  float factor[VPU];
+  for (int j = 0; j < VPU; ++j) factor[j] = 1.0f / static_cast<float>(1u << fold_shift(BITS, j));
+  for (int64_t i = 0; i < M * K; ++i) out[i] = x[i] * factor[(i % K) % VPU];
+}
+
 }  // namespace
+
+void prescale_x_avx2(int bits, const float* x, int64_t M, int64_t K, float* out) {
+  switch (bits) {
+    case 2: return prescale<2>(x, M, K, out);
+    case 3: return prescale<3>(x, M, K, out);
+    case 4: return prescale<4>(x, M, K, out);
+    default: return prescale<8>(x, M, K, out);
+  }
+}
 
 void gemv_avx2(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
   const int64_t N = a.w.N;

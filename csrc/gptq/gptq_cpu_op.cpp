@@ -18,7 +18,7 @@ namespace {
 // never materialises fp32 weights. Past it, MKL/oneDNN's fp32 GEMM on dequantized tiles is
 // faster (benchmarks/bench_gptq.py measures the crossover).
 constexpr int64_t kFusedMaxRows = 8;
-constexpr int64_t kFusedColumnBlock = 128;  // columns per task in the fused path
+constexpr int64_t kFusedColumnBlock = 512;  // columns per task in the fused path
 constexpr int64_t kTileCols = 64;           // columns per dequantized tile in the GEMM path
 constexpr int64_t kTileRows = 4096;         // k per dequantized tile (64 x 4096 fp32 = 1 MiB)
 
@@ -67,8 +67,13 @@ void gemm_fused(const Weights& w, const at::Tensor& x32, float* y) {
       xsum[m * nseg + s] = acc;
     }
   }
-  const GemvArgs args{w, x, xsum.data(), segs.data(), nseg, M, y};
   const bool avx2 = active_cpu_isa() == CpuIsa::kAvx2;
+  std::vector<float> x_prescaled;
+  if (avx2) {
+    x_prescaled.resize(M * K);
+    prescale_x_avx2(w.bits, x, M, K, x_prescaled.data());
+  }
+  const GemvArgs args{w, x, x_prescaled.data(), xsum.data(), segs.data(), nseg, M, y};
   const int64_t nblocks = (w.N + kFusedColumnBlock - 1) / kFusedColumnBlock;
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     const int64_t n0 = b0 * kFusedColumnBlock, n1 = std::min(w.N, b1 * kFusedColumnBlock);
