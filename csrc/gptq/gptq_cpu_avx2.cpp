@@ -18,8 +18,11 @@ namespace gptq {
 namespace {
 
 constexpr int kTile = 16;    // columns per register tile: two ymm of 8 int32 words
-constexpr int kBlock = 512;  // columns per block: acc buffer of 4 rows x 512 fp32 = 8 KiB
-constexpr int kMaxRows = 4;  // rows of x per pass over a block
+constexpr int kBlock = 512;  // columns per block: acc buffer of 6 rows x 512 fp32 = 12 KiB
+// With more rows than one pass takes, each block's packed weights are re-read once per pass:
+// narrower blocks keep them in L2 (128 columns x 4096 k at 4 bits = 256 KiB).
+constexpr int kBlockMultiPass = 128;
+constexpr int kMaxRows = 6;  // rows of x per pass: 12 accumulators + 3 working ymm registers
 
 constexpr int vpu(int bits) { return bits == 3 ? 32 : 32 / bits; }  // values per unit
 constexpr int wpu(int bits) { return bits == 3 ? 3 : 1; }           // words per unit
@@ -167,7 +170,9 @@ void gemv_rows(const GemvArgs& a, int64_t m0, int mt, int64_t nb0, int ntiles) {
     case 1: return gemv_block<BITS, 1>(a, m0, nb0, ntiles);
     case 2: return gemv_block<BITS, 2>(a, m0, nb0, ntiles);
     case 3: return gemv_block<BITS, 3>(a, m0, nb0, ntiles);
-    default: return gemv_block<BITS, 4>(a, m0, nb0, ntiles);
+    case 4: return gemv_block<BITS, 4>(a, m0, nb0, ntiles);
+    case 5: return gemv_block<BITS, 5>(a, m0, nb0, ntiles);
+    default: return gemv_block<BITS, 6>(a, m0, nb0, ntiles);
   }
 }
 
@@ -194,8 +199,9 @@ void gemv_avx2(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
   const int64_t N = a.w.N;
   const int64_t n_vec_end = n_begin + (n_end - n_begin) / kTile * kTile;
   for (int64_t m = 0; m < a.M; ++m) std::fill(a.y + m * N + n_begin, a.y + m * N + n_vec_end, 0.f);
-  for (int64_t nb0 = n_begin; nb0 < n_vec_end; nb0 += kBlock) {
-    const int ntiles = static_cast<int>(std::min<int64_t>(kBlock, n_vec_end - nb0) / kTile);
+  const int64_t block = a.M <= kMaxRows ? kBlock : kBlockMultiPass;
+  for (int64_t nb0 = n_begin; nb0 < n_vec_end; nb0 += block) {
+    const int ntiles = static_cast<int>(std::min<int64_t>(block, n_vec_end - nb0) / kTile);
     for (int64_t m0 = 0; m0 < a.M; m0 += kMaxRows) {
       const int mt = static_cast<int>(std::min<int64_t>(kMaxRows, a.M - m0));
       switch (a.w.bits) {

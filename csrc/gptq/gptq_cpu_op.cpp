@@ -17,7 +17,7 @@ namespace {
 // Up to this many rows the fused kernel wins: it reads the packed weights once per 4 rows and
 // never materialises fp32 weights. Past it, MKL/oneDNN's fp32 GEMM on dequantized tiles is
 // faster (benchmarks/bench_gptq.py measures the crossover).
-constexpr int64_t kFusedMaxRows = 8;
+constexpr int64_t kFusedMaxRows = 1 << 30;
 constexpr int64_t kFusedColumnBlock = 512;  // columns per task in the fused path
 constexpr int64_t kTileCols = 64;           // columns per dequantized tile in the GEMM path
 constexpr int64_t kTileRows = 4096;         // k per dequantized tile (64 x 4096 fp32 = 1 MiB)
