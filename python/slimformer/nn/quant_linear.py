@@ -149,10 +149,10 @@ def _minmax_grid(w: torch.Tensor, g_idx: torch.Tensor, groups: int, bits: int, s
     """Round-to-nearest grid per (group, output): asymmetric min/max, or symmetric around zero."""
     maxq = (1 << bits) - 1
     wt = w.t().to(torch.float32)  # [in, out]
-    g = g_idx.long()
-    big = torch.finfo(torch.float32).max
-    lo = torch.full((groups, wt.shape[1]), big, device=w.device).index_reduce_(0, g, wt, "amin")
-    hi = torch.full((groups, wt.shape[1]), -big, device=w.device).index_reduce_(0, g, wt, "amax")
+    index = g_idx.long()[:, None].expand_as(wt)
+    empty = torch.zeros(groups, wt.shape[1], device=w.device)
+    lo = empty.scatter_reduce(0, index, wt, "amin", include_self=False)
+    hi = empty.scatter_reduce(0, index, wt, "amax", include_self=False)
     lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     if sym:
         amax = torch.maximum(lo.abs(), hi)
