@@ -29,9 +29,9 @@ struct Weights {
   int zero_offset;  // 1: "gptq" (v1), 0: "gptq_v2"
 };
 
-// Small-batch path: accumulate x[m, k] * q(k, n) per segment in fp32, then fold scale and zero
-// point once per segment: y[m, n] += s[g, n] * (acc - z[g, n] * sum_{k in seg} x[m, k]).
-struct GemvArgs {
+// gptq_gemm: accumulate x[m, k] * q(k, n) per segment in fp32, then fold scale and zero point
+// once per segment: y[m, n] += s[g, n] * (acc - z[g, n] * sum_{k in seg} x[m, k]).
+struct GemmArgs {
   Weights w;
   const float* x;     // [M, K] contiguous
   const float* x_prescaled;  // [M, K]: x through prescale_x_avx2 (AVX2 path only)
@@ -41,18 +41,18 @@ struct GemvArgs {
   float* y;  // [M, N] contiguous; columns [n_begin, n_end) are overwritten
 };
 
-// Large-batch path: dequantize W[k_begin:k_end, n_begin:n_end] into out (row stride ld) as fp32.
+// gptq_dequantize: W[k_begin:k_end, n_begin:n_end] into out (row stride ld) as fp32.
 void dequantize_scalar(const Weights& w, int64_t k_begin, int64_t k_end, int64_t n_begin,
                        int64_t n_end, float* out, int64_t ld);
-void gemv_scalar(const GemvArgs& a, int64_t n_begin, int64_t n_end);
+void gemm_scalar(const GemmArgs& a, int64_t n_begin, int64_t n_end);
 
-// AVX2+FMA+F16C versions; callers check cpu_has_avx2() first.
+// AVX2+FMA+F16C versions; callers check active_cpu_isa() first.
 void dequantize_avx2(const Weights& w, int64_t k_begin, int64_t k_end, int64_t n_begin,
                      int64_t n_end, float* out, int64_t ld);
-// gemv_avx2 reads some packed values in place (scaled by a power of two); its x must be
+// gemm_avx2 reads some packed values in place (scaled by a power of two); its x must be
 // prescaled by this function (exact: powers of two). xsum stays the sum of the unscaled x.
 void prescale_x_avx2(int bits, const float* x, int64_t M, int64_t K, float* out);
-void gemv_avx2(const GemvArgs& a, int64_t n_begin, int64_t n_end);
+void gemm_avx2(const GemmArgs& a, int64_t n_begin, int64_t n_end);
 
 }  // namespace gptq
 }  // namespace slimformer

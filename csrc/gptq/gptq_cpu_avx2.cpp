@@ -1,11 +1,12 @@
 // AVX2 + FMA + F16C CPU kernels (this file alone is compiled with -mavx2 -mfma -mf16c; the
 // adapter only calls in after checking the CPU at run time).
 //
-// gemv_avx2 (batch 1..8 and beyond): columns are processed in L1-sized blocks of kBlock. For each
-// segment (run of k with one group) the integer weights are unpacked in registers and multiplied
-// into fp32 accumulators for up to 4 rows of x at a time, so each unpacked weight vector feeds up
-// to 8 FMAs; the scale and zero point are applied once per segment (zero folded through the sum
-// of x over the segment). Weight rows are read as contiguous runs of kBlock columns.
+// gemm_avx2 (any batch): columns are processed in blocks (512 columns for up to 6 rows of x, 128
+// when several 6-row passes re-read a block, so it stays in L2). For each segment (run of k with
+// one group) the integer weights are unpacked in registers and multiplied into fp32 accumulators
+// for up to 6 rows of x at a time, so each unpacked weight vector feeds up to 6 FMAs; the scale
+// and zero point are applied once per segment (zero folded through the sum of x over the
+// segment). Weight rows are read as contiguous runs of a block's columns.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -102,7 +103,7 @@ inline __m256 load_zeros8(const Weights& w, int64_t g, int64_t n) {
 
 // y[m0:m0+MT, nb0:nb0+ntiles*kTile] += x[m0:m0+MT] @ W[:, same columns]
 template <int BITS, int MT>
-void gemv_block(const GemvArgs& a, int64_t m0, int64_t nb0, int ntiles) {
+void gemm_block(const GemmArgs& a, int64_t m0, int64_t nb0, int ntiles) {
   constexpr int VPU = vpu(BITS), WPU = wpu(BITS);
   const Weights& w = a.w;
   const int64_t N = w.N, K = w.K;
@@ -165,14 +166,14 @@ void gemv_block(const GemvArgs& a, int64_t m0, int64_t nb0, int ntiles) {
 }
 
 template <int BITS>
-void gemv_rows(const GemvArgs& a, int64_t m0, int mt, int64_t nb0, int ntiles) {
+void gemm_rows(const GemmArgs& a, int64_t m0, int mt, int64_t nb0, int ntiles) {
   switch (mt) {
-    case 1: return gemv_block<BITS, 1>(a, m0, nb0, ntiles);
-    case 2: return gemv_block<BITS, 2>(a, m0, nb0, ntiles);
-    case 3: return gemv_block<BITS, 3>(a, m0, nb0, ntiles);
-    case 4: return gemv_block<BITS, 4>(a, m0, nb0, ntiles);
-    case 5: return gemv_block<BITS, 5>(a, m0, nb0, ntiles);
-    default: return gemv_block<BITS, 6>(a, m0, nb0, ntiles);
+    case 1: return gemm_block<BITS, 1>(a, m0, nb0, ntiles);
+    case 2: return gemm_block<BITS, 2>(a, m0, nb0, ntiles);
+    case 3: return gemm_block<BITS, 3>(a, m0, nb0, ntiles);
+    case 4: return gemm_block<BITS, 4>(a, m0, nb0, ntiles);
+    case 5: return gemm_block<BITS, 5>(a, m0, nb0, ntiles);
+    default: return gemm_block<BITS, 6>(a, m0, nb0, ntiles);
   }
 }
 
@@ -195,7 +196,7 @@ void prescale_x_avx2(int bits, const float* x, int64_t M, int64_t K, float* out)
   }
 }
 
-void gemv_avx2(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
+void gemm_avx2(const GemmArgs& a, int64_t n_begin, int64_t n_end) {
   const int64_t N = a.w.N;
   const int64_t n_vec_end = n_begin + (n_end - n_begin) / kTile * kTile;
   for (int64_t m = 0; m < a.M; ++m) std::fill(a.y + m * N + n_begin, a.y + m * N + n_vec_end, 0.f);
@@ -205,14 +206,14 @@ void gemv_avx2(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
     for (int64_t m0 = 0; m0 < a.M; m0 += kMaxRows) {
       const int mt = static_cast<int>(std::min<int64_t>(kMaxRows, a.M - m0));
       switch (a.w.bits) {
-        case 2: gemv_rows<2>(a, m0, mt, nb0, ntiles); break;
-        case 3: gemv_rows<3>(a, m0, mt, nb0, ntiles); break;
-        case 4: gemv_rows<4>(a, m0, mt, nb0, ntiles); break;
-        default: gemv_rows<8>(a, m0, mt, nb0, ntiles); break;
+        case 2: gemm_rows<2>(a, m0, mt, nb0, ntiles); break;
+        case 3: gemm_rows<3>(a, m0, mt, nb0, ntiles); break;
+        case 4: gemm_rows<4>(a, m0, mt, nb0, ntiles); break;
+        default: gemm_rows<8>(a, m0, mt, nb0, ntiles); break;
       }
     }
   }
-  if (n_vec_end < n_end) gemv_scalar(a, n_vec_end, n_end);  // < kTile leftover columns
+  if (n_vec_end < n_end) gemm_scalar(a, n_vec_end, n_end);  // < kTile leftover columns
 }
 
 void dequantize_avx2(const Weights& w, int64_t k_begin, int64_t k_end, int64_t n_begin,

@@ -74,14 +74,14 @@ void gemm_fused(const Weights& w, const at::Tensor& x32, float* y) {
     x_prescaled.resize(M * K);
     prescale_x_avx2(w.bits, x, M, K, x_prescaled.data());
   }
-  const GemvArgs args{w, x, x_prescaled.data(), xsum.data(), segs.data(), nseg, M, y};
+  const GemmArgs args{w, x, x_prescaled.data(), xsum.data(), segs.data(), nseg, M, y};
   const int64_t units = (w.N + kColumnUnit - 1) / kColumnUnit;
   at::parallel_for(0, units, kMinUnitsPerThread, [&](int64_t u0, int64_t u1) {
     const int64_t n0 = u0 * kColumnUnit, n1 = std::min(w.N, u1 * kColumnUnit);
     if (avx2) {
-      gemv_avx2(args, n0, n1);
+      gemm_avx2(args, n0, n1);
     } else {
-      gemv_scalar(args, n0, n1);
+      gemm_scalar(args, n0, n1);
     }
   });
 }

@@ -20,7 +20,7 @@ void dequantize_scalar(const Weights& w, int64_t k_begin, int64_t k_end, int64_t
   }
 }
 
-void gemv_scalar(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
+void gemm_scalar(const GemmArgs& a, int64_t n_begin, int64_t n_end) {
   const Weights& w = a.w;
   for (int64_t n = n_begin; n < n_end; ++n) {
     for (int64_t m = 0; m < a.M; ++m) a.y[m * w.N + n] = 0.f;
