@@ -1,10 +1,12 @@
 """torch.ops.slimformer.gptq_gemm / gptq_dequantize on CPU against an fp64 reference.
 
 The reference W comes from the random integer values themselves (conftest.make_gptq), not from
-slimformer's unpacking, so a packing bug and a kernel bug cannot cancel out. Paths exercised (see
-csrc/gptq/gptq_cpu_op.cpp): the fused kernel (rows in passes, 16-column register tiles, scalar tail
-for leftover columns, column blocks across threads) and dequantize-tiles + GEMM (64 columns x 4096
-k); cases cover few and many rows, N < 16 and N % 16 != 0, N over one column block, K > 4096.
+slimformer's unpacking, so a packing bug and a kernel bug cannot cancel out. How the CPU op tiles
+the work is internal (csrc/gptq/gptq_cpu_op.cpp, gptq_cpu_avx2.cpp: rows in passes of a few,
+16-column register tiles with a scalar tail for leftover columns, column blocks and per-thread
+column ranges; earlier builds switched to dequantize-64x4096-tiles + GEMM above 8 rows), so the
+cases cover the boundaries of all of these: M from 1 to 130 (around 4/6/8-row passes), N < 16,
+N % 16 != 0 and N % 8 != 0, N over one 512-column block, and K > 4096 with a small N.
 """
 from __future__ import annotations
 
@@ -231,6 +233,24 @@ def test_scalar_avx2_parity(bits, K, N, gs, act, sdt, M, isa, make_gptq, helpers
         outs[name + "_w"] = gptq_dequantize(d.qweight, d.qzeros, d.scales, d.g_idx, bits, 1)
     assert helpers.rel_err(outs["avx2"], outs["scalar"]) <= 1e-6
     assert torch.equal(outs["avx2_w"], outs["scalar_w"])
+
+
+@pytest.mark.parametrize("M", [1, 3, 13])
+def test_thread_count_does_not_change_result(M, make_gptq, helpers):
+    """Column ranges split across threads: 1 thread and several agree (and match the reference)."""
+    d = make_gptq(256, 1000, 4, 64, act_order=True)
+    x = torch.randn(M, 256)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, max(2, threads), 3):
+            torch.set_num_threads(n)
+            outs.append(gptq_gemm(x, d.qweight, d.qzeros, d.scales, d.g_idx, 4, 1))
+    finally:
+        torch.set_num_threads(threads)
+    for y in outs:
+        assert helpers.rel_err(y, outs[0]) <= 1e-6
+        assert helpers.rel_err(y, helpers.reference_gemm(x, d)) <= 1e-5
 
 
 def test_isa_switch_and_restore(isa):

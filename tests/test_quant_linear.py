@@ -274,6 +274,7 @@ def test_extra_repr(helpers):
 
 # -- torch.compile ----------------------------------------------------------------------------
 
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.*:DeprecationWarning")
 def test_torch_compile_fullgraph_matches_eager(helpers):
     torch._dynamo.reset()
     _, q1 = _from_linear(128, 96, 4, 32, helpers=helpers)
