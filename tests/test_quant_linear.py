@@ -219,10 +219,6 @@ def test_to_bfloat16_keeps_scales_fp16_and_runs(helpers):
     assert helpers.rel_err(y, ref) <= 1e-2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: QuantLinear._apply lets nn.Module._apply cast scales to the new dtype and only then "
-    "casts them back (python/slimformer/nn/quant_linear.py, _apply), so .to(torch.bfloat16) rounds the "
-    "fp16 scales to bf16 precision: the dtype survives, the checkpoint values do not"))
 @pytest.mark.parametrize("scale_dtype,cast", [
     (torch.float16, lambda m: m.to(torch.bfloat16)),
     (torch.float16, lambda m: m.bfloat16()),

@@ -131,12 +131,12 @@ class QuantLinear(nn.Module):
                          self.zero_offset, self.bias, perm=self._perm)
 
     def _apply(self, fn, recurse=True):
-        # Keep the checkpoint's scale precision when the model is cast (model.to(torch.bfloat16)):
-        # only the device may change; the kernels read fp16/bf16/fp32 scales and return x's dtype.
-        dtype = self.scales.dtype
+        # Keep the checkpoint's scale values when the model is cast (model.to(torch.bfloat16)):
+        # only their device may change; the kernels read fp16/bf16/fp32 scales and return x's dtype.
+        scales = self.scales
         super()._apply(fn, recurse)
-        if self.scales.dtype != dtype:
-            self.scales = self.scales.to(dtype)
+        if self.scales.dtype != scales.dtype:
+            self.scales = scales.to(self.scales.device)
         return self
 
     def extra_repr(self) -> str:

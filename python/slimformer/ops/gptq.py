@@ -34,12 +34,21 @@ def gptq_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.T
     return _ops.gptq_dequantize(qweight, qzeros, scales, g_idx, bits, zero_offset)
 
 
+def _check_one_device(*tensors: torch.Tensor | None) -> None:
+    # The fake impl doubles as the Meta kernel, which the dispatcher picks as soon as one input is
+    # on "meta": a meta tensor among real ones must fail here, as it would in the real kernels.
+    devices = {t.device for t in tensors if t is not None}
+    torch._check(len(devices) == 1, lambda: f"slimformer.gptq: all tensors must be on one device, got {devices}")
+
+
 @torch.library.register_fake("slimformer::gptq_gemm")
 def _gptq_gemm_fake(x, qweight, qzeros, scales, g_idx, perm, bias, bits, zero_offset):
+    _check_one_device(x, qweight, qzeros, scales, g_idx, perm, bias)
     torch._check(x.shape[-1] == g_idx.shape[0], lambda: "x's last dimension must equal in_features")
     return x.new_empty((*x.shape[:-1], qweight.shape[1]))
 
 
 @torch.library.register_fake("slimformer::gptq_dequantize")
 def _gptq_dequantize_fake(qweight, qzeros, scales, g_idx, bits, zero_offset):
+    _check_one_device(qweight, qzeros, scales, g_idx)
     return scales.new_empty((g_idx.shape[0], qweight.shape[1]))
