@@ -7,6 +7,10 @@ TORCH_LIBRARY(slimformer, m) {
   m.def(
       "gptq_gemm(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx, Tensor? perm, "
       "Tensor? bias, int bits, int zero_offset) -> Tensor");
+  // Same, with x quantized on the fly to int8 per row and 32 inputs (rule in gptq/gptq_cpu_a8.h).
+  m.def(
+      "gptq_gemm_a8(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx, Tensor? perm, "
+      "Tensor? bias, int bits, int zero_offset) -> Tensor");
   // W [K, N] in scales' dtype, dequantized from GPTQ checkpoint layout.
   m.def(
       "gptq_dequantize(Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx, int bits, "

@@ -4,7 +4,7 @@
   random data and a failure reproduces with the same data.
 - ``isa``: switches the CPU kernel implementation (``slimformer._C.set_cpu_isa``) and restores the
   previous one afterwards. Parametrize it indirectly (``@pytest.mark.parametrize("isa", ["scalar",
-  "avx2"], indirect=True)``) or call it (``isa("scalar")``); "avx2" skips on CPUs without it.
+  "avx2"], indirect=True)``) or call it (``isa("scalar")``); "avx2"/"avxvnni" skip on CPUs without them.
 - ``make_gptq``: a factory for random GPTQ checkpoint tensors plus their fp64 ground truth, computed
   from the integer values directly (independent of slimformer's unpacking and reference code).
 
@@ -40,6 +40,8 @@ def isa(request):
     def use(name: str) -> str:
         if name == "avx2" and not _C.cpu_supports_avx2():
             pytest.skip("this CPU lacks AVX2/FMA/F16C")
+        if name == "avxvnni" and not _C.cpu_supports_avxvnni():
+            pytest.skip("this CPU lacks AVX-VNNI")
         _C.set_cpu_isa(name)
         active = _C.active_cpu_isa()
         if name != "auto":

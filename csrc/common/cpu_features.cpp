@@ -1,5 +1,9 @@
 #include "common/cpu_features.h"
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -7,11 +11,15 @@
 namespace slimformer {
 namespace {
 
-CpuIsa best_isa() { return cpu_supports_avx2() ? CpuIsa::kAvx2 : CpuIsa::kScalar; }
+CpuIsa best_isa() {
+  if (cpu_supports_avxvnni()) return CpuIsa::kAvxVnni;
+  return cpu_supports_avx2() ? CpuIsa::kAvx2 : CpuIsa::kScalar;
+}
 
 CpuIsa initial_isa() {
   const char* env = std::getenv("SLIMFORMER_CPU_ISA");
   if (env != nullptr && std::strcmp(env, "scalar") == 0) return CpuIsa::kScalar;
+  if (env != nullptr && std::strcmp(env, "avx2") == 0 && cpu_supports_avx2()) return CpuIsa::kAvx2;
   return best_isa();
 }
 
@@ -32,6 +40,19 @@ bool cpu_supports_avx2() {
 #endif
 }
 
+bool cpu_supports_avxvnni() {
+#if defined(__x86_64__) || defined(__i386__)
+  // GCC 12's __builtin_cpu_supports has no "avxvnni": read CPUID leaf 7, subleaf 1, EAX bit 4.
+  static const bool ok = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    return cpu_supports_avx2() && __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 4) & 1u);
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
 CpuIsa active_cpu_isa() { return static_cast<CpuIsa>(isa_slot().load(std::memory_order_relaxed)); }
 
 bool set_cpu_isa(const char* name) {
@@ -41,6 +62,9 @@ bool set_cpu_isa(const char* name) {
   } else if (std::strcmp(name, "avx2") == 0) {
     if (!cpu_supports_avx2()) return false;
     isa = CpuIsa::kAvx2;
+  } else if (std::strcmp(name, "avxvnni") == 0) {
+    if (!cpu_supports_avxvnni()) return false;
+    isa = CpuIsa::kAvxVnni;
   } else if (std::strcmp(name, "auto") == 0) {
     isa = best_isa();
   } else {
@@ -50,6 +74,12 @@ bool set_cpu_isa(const char* name) {
   return true;
 }
 
-const char* cpu_isa_name(CpuIsa isa) { return isa == CpuIsa::kAvx2 ? "avx2" : "scalar"; }
+const char* cpu_isa_name(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::kAvxVnni: return "avxvnni";
+    case CpuIsa::kAvx2: return "avx2";
+    default: return "scalar";
+  }
+}
 
 }  // namespace slimformer

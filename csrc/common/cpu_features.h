@@ -5,17 +5,20 @@
 
 namespace slimformer {
 
-enum class CpuIsa : int { kScalar = 0, kAvx2 = 1 };
+// Ordered: each level includes the ones below it.
+enum class CpuIsa : int { kScalar = 0, kAvx2 = 1, kAvxVnni = 2 };
 
 // True when the CPU supports AVX2, FMA and F16C.
 bool cpu_supports_avx2();
+// True when it also supports AVX-VNNI (256-bit vpdpbusd; Intel Alder Lake+, AMD Zen 4+).
+bool cpu_supports_avxvnni();
 
 // The implementation the kernels use now: the best supported one unless forced to scalar by
 // set_cpu_isa() or the SLIMFORMER_CPU_ISA=scalar environment variable (read once at start-up).
 CpuIsa active_cpu_isa();
 
-// Force an implementation ("scalar", "avx2" or "auto"); returns false if the name is unknown or
-// the CPU lacks the ISA.
+// Force an implementation ("scalar", "avx2", "avxvnni" or "auto"); returns false if the name is
+// unknown or the CPU lacks the ISA.
 bool set_cpu_isa(const char* name);
 
 const char* cpu_isa_name(CpuIsa isa);

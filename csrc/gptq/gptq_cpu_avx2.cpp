@@ -13,20 +13,17 @@
 #include <utility>
 
 #include "gptq/gptq_cpu.h"
+#include "gptq/gptq_cpu_simd.h"
 
 namespace slimformer {
 namespace gptq {
 namespace {
 
-constexpr int kTile = 16;    // columns per register tile: two ymm of 8 int32 words
 constexpr int kBlock = 512;  // columns per block: acc buffer of 6 rows x 512 fp32 = 12 KiB
 // With more rows than one pass takes, each block's packed weights are re-read once per pass:
 // narrower blocks keep them in L2 (128 columns x 4096 k at 4 bits = 256 KiB).
 constexpr int kBlockMultiPass = 128;
 constexpr int kMaxRows = 6;  // rows of x per pass: 12 accumulators + 3 working ymm registers
-
-constexpr int vpu(int bits) { return bits == 3 ? 32 : 32 / bits; }  // values per unit
-constexpr int wpu(int bits) { return bits == 3 ? 3 : 1; }           // words per unit
 
 // Value J of a unit is read "in place" when it fits below the sign bit: (word & (mask << sh))
 // converts exactly to q * 2^sh, and x was pre-scaled by 2^-sh (prescale_x_avx2), so the product
@@ -76,29 +73,6 @@ template <int BITS, int MT, int... J>
 inline void fma_unit(const int32_t* w, int64_t N, const float* const* xp,
                      __m256 (&acc)[phases(MT)][MT][2], std::integer_sequence<int, J...>) {
   (fma_step<BITS, MT, J>(w, N, xp, acc), ...);
-}
-
-inline __m256 load_scales8(const Weights& w, int64_t g, int64_t n) {
-  const int64_t idx = g * w.N + n;
-  switch (w.scale_type) {
-    case ScaleType::kFloat16:
-      return _mm256_cvtph_ps(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w.scales) + idx)));
-    case ScaleType::kBFloat16: {
-      const __m128i b = _mm_loadu_si128(
-          reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w.scales) + idx));
-      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16));
-    }
-    default:
-      return _mm256_loadu_ps(static_cast<const float*>(w.scales) + idx);
-  }
-}
-
-inline __m256 load_zeros8(const Weights& w, int64_t g, int64_t n) {
-  alignas(32) float z[8];
-  const int32_t* row = w.qzeros + g * w.zeros_stride;
-  for (int i = 0; i < 8; ++i) z[i] = zero_point(row, n + i, w.bits, w.zero_offset);
-  return _mm256_load_ps(z);
 }
 
 // y[m0:m0+MT, nb0:nb0+ntiles*kTile] += x[m0:m0+MT] @ W[:, same columns]

@@ -9,6 +9,7 @@
 #include "common/cpu_features.h"
 #include "gptq/gptq_checks.h"
 #include "gptq/gptq_cpu.h"
+#include "gptq/gptq_cpu_a8.h"
 
 namespace slimformer {
 namespace gptq {
@@ -38,28 +39,41 @@ Weights make_weights(const at::Tensor& qweight, const at::Tensor& qzeros, const 
                  static_cast<int>(bits), static_cast<int>(zero_offset)};
 }
 
+bool use_avx2() { return active_cpu_isa() >= CpuIsa::kAvx2; }
+
 void dequantize_tile(const Weights& w, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out,
                      int64_t ld) {
-  if (active_cpu_isa() == CpuIsa::kAvx2) {
+  if (use_avx2()) {
     dequantize_avx2(w, k0, k1, n0, n1, out, ld);
   } else {
     dequantize_scalar(w, k0, k1, n0, n1, out, ld);
   }
 }
 
-void gemm_fused(const Weights& w, const at::Tensor& x32, float* y) {
-  const int64_t M = x32.size(0), K = w.K;
-  // Segments: maximal runs of k with one group.
+// Maximal runs of k with one group.
+std::vector<Segment> segments_of(const Weights& w) {
   std::vector<Segment> segs;
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t k = 0; k < w.K; ++k) {
     if (segs.empty() || segs.back().group != w.g_idx[k]) {
       segs.push_back({k, k + 1, w.g_idx[k]});
     } else {
       segs.back().k_end = k + 1;
     }
   }
-  const int64_t nseg = static_cast<int64_t>(segs.size());
-  const float* x = x32.data_ptr<float>();
+  return segs;
+}
+
+// Runs kernel(n_begin, n_end) on equal contiguous column ranges, one per thread.
+template <class F>
+void parallel_columns(int64_t N, const F& kernel) {
+  const int64_t units = (N + kColumnUnit - 1) / kColumnUnit;
+  at::parallel_for(0, units, kMinUnitsPerThread, [&](int64_t u0, int64_t u1) {
+    kernel(u0 * kColumnUnit, std::min(N, u1 * kColumnUnit));
+  });
+}
+
+void gemm_float(const Weights& w, const std::vector<Segment>& segs, const float* x, int64_t M, float* y) {
+  const int64_t K = w.K, nseg = static_cast<int64_t>(segs.size());
   std::vector<float> xsum(M * nseg);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t s = 0; s < nseg; ++s) {
@@ -68,16 +82,14 @@ void gemm_fused(const Weights& w, const at::Tensor& x32, float* y) {
       xsum[m * nseg + s] = acc;
     }
   }
-  const bool avx2 = active_cpu_isa() == CpuIsa::kAvx2;
+  const bool avx2 = use_avx2();
   std::vector<float> x_prescaled;
   if (avx2) {
     x_prescaled.resize(M * K);
     prescale_x_avx2(w.bits, x, M, K, x_prescaled.data());
   }
   const GemmArgs args{w, x, x_prescaled.data(), xsum.data(), segs.data(), nseg, M, y};
-  const int64_t units = (w.N + kColumnUnit - 1) / kColumnUnit;
-  at::parallel_for(0, units, kMinUnitsPerThread, [&](int64_t u0, int64_t u1) {
-    const int64_t n0 = u0 * kColumnUnit, n1 = std::min(w.N, u1 * kColumnUnit);
+  parallel_columns(w.N, [&](int64_t n0, int64_t n1) {
     if (avx2) {
       gemm_avx2(args, n0, n1);
     } else {
@@ -86,10 +98,41 @@ void gemm_fused(const Weights& w, const at::Tensor& x32, float* y) {
   });
 }
 
-at::Tensor gptq_gemm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qzeros,
-                         const at::Tensor& scales, const at::Tensor& g_idx,
-                         const c10::optional<at::Tensor>& perm, const c10::optional<at::Tensor>& bias,
-                         int64_t bits, int64_t zero_offset) {
+void gemm_int8_activations(const Weights& w, const std::vector<Segment>& segs, const float* x, int64_t M,
+                           float* y) {
+  const int64_t nseg = static_cast<int64_t>(segs.size());
+  A8Activations act;
+  prepare_a8(x, M, w.K, w.bits, segs.data(), nseg, act);
+  const CpuIsa isa = active_cpu_isa();
+  const bool vnni = isa >= CpuIsa::kAvxVnni;
+  // The SIMD integer kernels need byte-aligned values (no 3-bit) and, without VNNI, 2 or 4 bits
+  // (vpmaddubsw's int16 sums would saturate with 8-bit weights). Otherwise the same quantized
+  // activations go through the float kernel: identical semantics, no integer speed-up.
+  const bool simd = isa >= CpuIsa::kAvx2 && a8_supported_bits(w.bits) && (vnni || w.bits != 8);
+  if (isa == CpuIsa::kScalar || simd) {
+    const A8Args args{w, segs.data(), nseg, &act, y};
+    parallel_columns(w.N, [&](int64_t n0, int64_t n1) {
+      if (!simd) {
+        gemm_a8_scalar(args, n0, n1);
+      } else if (vnni) {
+        gemm_a8_avxvnni(args, n0, n1);
+      } else {
+        gemm_a8_avx2(args, n0, n1);
+      }
+    });
+  } else {
+    std::vector<float> x_hat(M * w.K);
+    dequantize_a8(act, segs.data(), nseg, w.K, x_hat.data());
+    gemm_float(w, segs, x_hat.data(), M, y);
+  }
+}
+
+// Shared by gptq_gemm and gptq_gemm_a8: validation, x staged as contiguous fp32 [M, K] in kernel k
+// order (perm applied), bias, output dtype and shape.
+template <class Gemm>
+at::Tensor run_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qzeros,
+                    const at::Tensor& scales, const at::Tensor& g_idx, const c10::optional<at::Tensor>& perm,
+                    const c10::optional<at::Tensor>& bias, int64_t bits, int64_t zero_offset, const Gemm& gemm) {
   const GptqShape s = check_weights(qweight, qzeros, scales, g_idx, bits, zero_offset);
   check_activations(x, perm, bias, s, qweight.device());
   const at::Tensor qw = qweight.contiguous(), qz = qzeros.contiguous(), sc = scales.contiguous(),
@@ -110,12 +153,26 @@ at::Tensor gptq_gemm_cpu(const at::Tensor& x, const at::Tensor& qweight, const a
   at::Tensor y = at::empty({M, s.N}, x32.options());
   if (M > 0) {
     const Weights w = make_weights(qw, qz, sc, gi, s, bits, zero_offset);
-    gemm_fused(w, x32, y.data_ptr<float>());
+    gemm(w, segments_of(w), x32.data_ptr<float>(), M, y.data_ptr<float>());
   }
   if (bias.has_value()) y.add_(bias->to(at::kFloat));
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = s.N;
   return y.to(x.scalar_type()).reshape(out_shape);
+}
+
+at::Tensor gptq_gemm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qzeros,
+                         const at::Tensor& scales, const at::Tensor& g_idx,
+                         const c10::optional<at::Tensor>& perm, const c10::optional<at::Tensor>& bias,
+                         int64_t bits, int64_t zero_offset) {
+  return run_gemm(x, qweight, qzeros, scales, g_idx, perm, bias, bits, zero_offset, gemm_float);
+}
+
+at::Tensor gptq_gemm_a8_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qzeros,
+                            const at::Tensor& scales, const at::Tensor& g_idx,
+                            const c10::optional<at::Tensor>& perm, const c10::optional<at::Tensor>& bias,
+                            int64_t bits, int64_t zero_offset) {
+  return run_gemm(x, qweight, qzeros, scales, g_idx, perm, bias, bits, zero_offset, gemm_int8_activations);
 }
 
 at::Tensor gptq_dequantize_cpu(const at::Tensor& qweight, const at::Tensor& qzeros, const at::Tensor& scales,
@@ -139,5 +196,6 @@ at::Tensor gptq_dequantize_cpu(const at::Tensor& qweight, const at::Tensor& qzer
 
 TORCH_LIBRARY_IMPL(slimformer, CPU, m) {
   m.impl("gptq_gemm", &slimformer::gptq::gptq_gemm_cpu);
+  m.impl("gptq_gemm_a8", &slimformer::gptq::gptq_gemm_a8_cpu);
   m.impl("gptq_dequantize", &slimformer::gptq::gptq_dequantize_cpu);
 }

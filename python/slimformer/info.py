@@ -17,6 +17,7 @@ def build_info() -> dict:
         "python": platform.python_version(),
         "cpu kernels compiled": ", ".join(_C.compiled_cpu_isas),
         "cpu supports avx2+fma+f16c": _C.cpu_supports_avx2(),
+        "cpu supports avx-vnni": _C.cpu_supports_avxvnni(),
         "cpu kernel in use": _C.active_cpu_isa(),
         "cuda kernels compiled": bool(_C.has_cuda_kernels),
         "cuda archs": _C.cuda_archs or "-",

@@ -9,15 +9,22 @@ from .packing import (
     unpack_rows,
     zero_offset,
 )
-from .reference import dequantize_reference, gptq_linear_reference
+from .reference import (
+    dequantize_reference,
+    gptq_linear_a8_reference,
+    gptq_linear_reference,
+    quantize_activations_a8,
+)
 
 __all__ = [
     "CHECKPOINT_FORMATS",
     "SUPPORTED_BITS",
     "dequantize_reference",
+    "gptq_linear_a8_reference",
     "gptq_linear_reference",
     "pack_cols",
     "pack_rows",
+    "quantize_activations_a8",
     "quantize_to_grid",
     "unpack_cols",
     "unpack_rows",

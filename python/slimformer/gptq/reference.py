@@ -24,3 +24,39 @@ def gptq_linear_reference(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.
     w = dequantize_reference(qweight, qzeros, scales, g_idx, bits, zero_offset, dtype)
     y = x.to(dtype) @ w
     return y + bias.to(dtype) if bias is not None else y
+
+
+A8_BLOCK = 32  # inputs per activation scale in gptq_gemm_a8
+
+
+def quantize_activations_a8(x: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
+    """x_hat of gptq_gemm_a8 for x (..., in) already in kernel order (perm applied), in fp64.
+
+    Blocks are [32b, 32b + 32) intersected with runs of equal g_idx; per block and row,
+    xq = round_half_even(x * (127 / amax)) computed in fp32, x_hat = (amax / 127) * xq.
+    """
+    k = g_idx.shape[0]
+    x32 = x.reshape(-1, k).to(torch.float32)
+    pos = torch.arange(k, device=x.device)
+    g = g_idx.to(torch.int64)
+    new_block = torch.ones(k, dtype=torch.bool, device=x.device)
+    new_block[1:] = ((pos[1:] // A8_BLOCK) != (pos[:-1] // A8_BLOCK)) | (g[1:] != g[:-1])
+    block = torch.cumsum(new_block.to(torch.int64), 0) - 1
+    index = block.expand_as(x32)
+    amax = torch.zeros(x32.shape[0], int(block[-1]) + 1, dtype=torch.float32, device=x.device)
+    amax = amax.scatter_reduce(1, index, x32.abs(), "amax", include_self=True)
+    a = amax.gather(1, index)
+    inv = torch.where(a > 0, torch.tensor(127.0, dtype=torch.float32) / a, torch.zeros_like(a))
+    xq = torch.round(x32 * inv).clamp_(-127, 127)
+    x_hat = (a / 127.0).to(torch.float64) * xq.to(torch.float64)
+    return x_hat.reshape(x.shape)
+
+
+def gptq_linear_a8_reference(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                             g_idx: torch.Tensor, bias: torch.Tensor | None, bits: int, zero_offset: int,
+                             perm: torch.Tensor | None = None) -> torch.Tensor:
+    """What gptq_gemm_a8 computes, in fp64: quantize_activations_a8(x[..., perm]) @ W (+ bias)."""
+    if perm is not None:
+        x = x[..., perm.long()]
+    x_hat = quantize_activations_a8(x, g_idx)
+    return gptq_linear_reference(x_hat, qweight, qzeros, scales, g_idx, bias, bits, zero_offset)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..gptq.packing import check_bits, pack_cols, pack_rows, quantize_to_grid, unpack_rows, zero_offset
-from ..ops.gptq import gptq_gemm
+from ..ops.gptq import gptq_gemm, gptq_gemm_a8
 
 
 class QuantLinear(nn.Module):
@@ -26,6 +26,11 @@ class QuantLinear(nn.Module):
     contiguous for the kernels (an extra packed copy of the weight; the checkpoint tensors stay the
     source of truth and are what ``state_dict`` returns).
 
+    ``int8_activations`` (a plain attribute, default False) makes CPU forwards quantize x on the fly
+    to int8 per 32 inputs and use integer dot products (:func:`slimformer.ops.gptq_gemm_a8`):
+    faster at every batch size, ~0.5% relative output error on top of the weight quantization.
+    CUDA forwards ignore it.
+
     Example::
 
         lin = torch.nn.Linear(576, 1536)
@@ -34,8 +39,10 @@ class QuantLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = True,
-                 checkpoint_format: str = "gptq", device=None, dtype: torch.dtype = torch.float16):
+                 checkpoint_format: str = "gptq", device=None, dtype: torch.dtype = torch.float16,
+                 int8_activations: bool = False):
         super().__init__()
+        self.int8_activations = int8_activations
         check_bits(bits)
         self.zero_offset = zero_offset(checkpoint_format)
         need = 32 // math.gcd(32, bits)
@@ -124,11 +131,11 @@ class QuantLinear(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        op = gptq_gemm_a8 if self.int8_activations and x.device.type == "cpu" else gptq_gemm
         if self._perm is None:
-            return gptq_gemm(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
-                             self.zero_offset, self.bias)
-        return gptq_gemm(x, self._qweight_sorted, self.qzeros, self.scales, self._g_idx_sorted, self.bits,
-                         self.zero_offset, self.bias, perm=self._perm)
+            return op(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.zero_offset, self.bias)
+        return op(x, self._qweight_sorted, self.qzeros, self.scales, self._g_idx_sorted, self.bits,
+                  self.zero_offset, self.bias, perm=self._perm)
 
     def _apply(self, fn, recurse=True):
         # Keep the checkpoint's scale values when the model is cast (model.to(torch.bfloat16)):
@@ -142,7 +149,8 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, bias={self.bias is not None}, "
-                f"checkpoint_format={self.checkpoint_format!r}, act_order={self._perm is not None}")
+                f"checkpoint_format={self.checkpoint_format!r}, act_order={self._perm is not None}"
+                + (", int8_activations=True" if self.int8_activations else ""))
 
 
 def _minmax_grid(w: torch.Tensor, g_idx: torch.Tensor, groups: int, bits: int, sym: bool):

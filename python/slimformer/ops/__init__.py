@@ -1,4 +1,4 @@
 """Typed wrappers over ``torch.ops.slimformer.*`` and their fake (meta) implementations."""
-from .gptq import gptq_dequantize, gptq_gemm
+from .gptq import gptq_dequantize, gptq_gemm, gptq_gemm_a8
 
-__all__ = ["gptq_dequantize", "gptq_gemm"]
+__all__ = ["gptq_dequantize", "gptq_gemm", "gptq_gemm_a8"]

@@ -28,6 +28,19 @@ def gptq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scal
     return _ops.gptq_gemm(x, qweight, qzeros, scales, g_idx, perm, bias, bits, zero_offset)
 
 
+def gptq_gemm_a8(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                 g_idx: torch.Tensor, bits: int, zero_offset: int, bias: torch.Tensor | None = None,
+                 perm: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`gptq_gemm` with x quantized on the fly to int8 (CPU; integer dot products).
+
+    Each row of x[..., perm] is cut into blocks of 32 inputs (also split where g_idx changes);
+    per block x_hat = amax/127 * round(x * 127/amax). Returns x_hat @ W (+ bias), exactly as
+    :func:`slimformer.gptq.reference.gptq_linear_a8_reference`. Faster than :func:`gptq_gemm`
+    at every batch size on AVX2/AVX-VNNI CPUs, at an error of ~0.3% relative to exact.
+    """
+    return _ops.gptq_gemm_a8(x, qweight, qzeros, scales, g_idx, perm, bias, bits, zero_offset)
+
+
 def gptq_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
                     bits: int, zero_offset: int) -> torch.Tensor:
     """The full-precision weight W (in, out) in scales' dtype."""
@@ -41,11 +54,14 @@ def _check_one_device(*tensors: torch.Tensor | None) -> None:
     torch._check(len(devices) == 1, lambda: f"slimformer.gptq: all tensors must be on one device, got {devices}")
 
 
-@torch.library.register_fake("slimformer::gptq_gemm")
 def _gptq_gemm_fake(x, qweight, qzeros, scales, g_idx, perm, bias, bits, zero_offset):
     _check_one_device(x, qweight, qzeros, scales, g_idx, perm, bias)
     torch._check(x.shape[-1] == g_idx.shape[0], lambda: "x's last dimension must equal in_features")
     return x.new_empty((*x.shape[:-1], qweight.shape[1]))
+
+
+torch.library.register_fake("slimformer::gptq_gemm")(_gptq_gemm_fake)
+torch.library.register_fake("slimformer::gptq_gemm_a8")(_gptq_gemm_fake)
 
 
 @torch.library.register_fake("slimformer::gptq_dequantize")

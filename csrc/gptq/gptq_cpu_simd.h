@@ -1,0 +1,40 @@
+// AVX2 helpers shared by the CPU kernels; include only from translation units compiled with
+// -mavx2 -mfma -mf16c (see CMakeLists.txt).
+#pragma once
+#include <immintrin.h>
+
+#include "gptq/gptq_cpu.h"
+
+namespace slimformer {
+namespace gptq {
+
+constexpr int kTile = 16;  // columns per register tile: two ymm of 8 int32 words
+
+constexpr int vpu(int bits) { return bits == 3 ? 32 : 32 / bits; }  // values per unit
+constexpr int wpu(int bits) { return bits == 3 ? 3 : 1; }           // words per unit
+
+inline __m256 load_scales8(const Weights& w, int64_t g, int64_t n) {
+  const int64_t idx = g * w.N + n;
+  switch (w.scale_type) {
+    case ScaleType::kFloat16:
+      return _mm256_cvtph_ps(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w.scales) + idx)));
+    case ScaleType::kBFloat16: {
+      const __m128i b = _mm_loadu_si128(
+          reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w.scales) + idx));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16));
+    }
+    default:
+      return _mm256_loadu_ps(static_cast<const float*>(w.scales) + idx);
+  }
+}
+
+inline __m256 load_zeros8(const Weights& w, int64_t g, int64_t n) {
+  alignas(32) float z[8];
+  const int32_t* row = w.qzeros + g * w.zeros_stride;
+  for (int i = 0; i < 8; ++i) z[i] = zero_point(row, n + i, w.bits, w.zero_offset);
+  return _mm256_load_ps(z);
+}
+
+}  // namespace gptq
+}  // namespace slimformer
