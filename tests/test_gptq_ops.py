@@ -254,11 +254,12 @@ def test_thread_count_does_not_change_result(M, make_gptq, helpers):
 
 
 def test_isa_switch_and_restore(isa):
-    assert _C.active_cpu_isa() in ("scalar", "avx2")
+    assert _C.active_cpu_isa() in ("scalar", "avx2", "avxvnni")
     assert isa("scalar") == "scalar"
     assert _C.active_cpu_isa() == "scalar"
-    assert isa("auto") == ("avx2" if _C.cpu_supports_avx2() else "scalar")
-    with pytest.raises(ValueError, match="scalar, avx2 or auto"):
+    best = "avxvnni" if _C.cpu_supports_avxvnni() else ("avx2" if _C.cpu_supports_avx2() else "scalar")
+    assert isa("auto") == best
+    with pytest.raises(ValueError, match="scalar, avx2, avxvnni or auto"):
         _C.set_cpu_isa("avx512")
     if not _C.cpu_supports_avx2():
         with pytest.raises(ValueError):
