@@ -81,15 +81,37 @@ def git_info() -> dict:
     return {"commit": "unknown", "dirty": None, "checkout": None}
 
 
-def _cpu_model() -> str:
+# CPU features that decide which kernels run (ours and torch's/oneDNN's); listed in the report.
+_SIMD_FLAGS = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
+               "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
+
+
+def _cpuinfo_first() -> dict:
+    """Fields of the first processor in /proc/cpuinfo (empty off Linux)."""
+    fields: dict = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    if fields:
+                        break
+                    continue
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip().lower(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown"
+    return fields
+
+
+def _cpu_facts() -> dict:
+    info = _cpuinfo_first()
+    flags = set((info.get("flags") or info.get("features") or "").split())
+    return {
+        "cpu_model": info.get("model name") or platform.processor() or platform.machine() or "unknown",
+        "cpu_family_model": (f"family {info['cpu family']} model {info.get('model', '?')}"
+                             if "cpu family" in info else None),
+        "cpu_simd": [f for f in _SIMD_FLAGS if f in flags],
+    }
 
 
 def machine_facts(device: str) -> dict:
@@ -99,7 +121,7 @@ def machine_facts(device: str) -> dict:
 
     facts = {
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu_model": _cpu_model(),
+        **_cpu_facts(),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_threads": torch.get_num_threads(),

@@ -348,11 +348,13 @@ def _markdown(payload: dict) -> str:
             "`_convert_weight_to_int4pack_for_cpu`)" if dev == "cpu" else
             "`torch.ops.aten._weight_int4pack_mm` (tinygemm, bf16 activations), where this torch build has it")
     commit = m["git_commit"] + (" (uncommitted changes in the tree)" if m.get("git_dirty") else "")
-    where = f"{m['gpu']} (CUDA {m['cuda_runtime']}), host CPU {m['cpu_model']}" if dev == "cuda" else m["cpu_model"]
+    cpu = m["cpu_model"] + (f" ({m['cpu_family_model']})" if m.get("cpu_family_model") else "")
+    simd = ", ".join(m.get("cpu_simd") or []) or "-"
+    where = f"{m['gpu']} (CUDA {m['cuda_runtime']}), host CPU {cpu}" if dev == "cuda" else cpu
     facts = [
         f"- date: {m['date']}",
         f"- command: `{c['command_line']}`",
-        f"- machine: {where}; {m['cpu_count']} CPUs, torch threads {m['torch_threads']}",
+        f"- machine: {where}; {m['cpu_count']} CPUs, torch threads {m['torch_threads']}; SIMD: {simd}",
         f"- load average (1 min) at start / end: {m['load_avg_1m_at_start']:.2f} / {m['load_avg_1m_at_end']:.2f}"
         + (" -- **the machine was busy: these numbers are unreliable**" if m["busy"] else ""),
         f"- torch {m['torch']}, slimformer {m['slimformer']} (CPU kernel: {m['active_cpu_isa']}), commit {commit}",
@@ -371,7 +373,7 @@ def _markdown(payload: dict) -> str:
                                 " Warm caches (--warm-cache): layers that fit in cache can exceed DRAM bandwidth."),
         "- ours vs X = X's time / our time: above 1.00x slimformer is faster.",
         f"- torch int4 = {peer}, fed the same quantized integers, scales and zeros; x is cast to bf16 before "
-        "timing" + (" (bf16 is its fast path here; fp32/fp16 x take a generic path 10-100x slower)."
+        "timing" + (" (its fast path; fp32/fp16 x take a generic path that is over 10x slower)."
                     if dev == "cpu" else "."),
         "- Every row was checked before timing: ours and torch int4 against F.linear on the weight dequantized "
         "by the pure-PyTorch reference.",
