@@ -1,0 +1,92 @@
+"""Exercise every CUDA GPTQ kernel path once on small shapes, for compute-sanitizer (scripts/gpu_check.sh).
+
+Paths: small-batch gemv with one split (direct stores) and with split-K (fp32 workspace + finish
+kernel), row tiles 1/2/4/8 and two row tiles, every bits value, 128-bit and scalar (N % 4 != 0)
+qweight loads, perm and bias, fp16/bf16/fp32 x; large-batch dequantize + cuBLAS; gptq_dequantize.
+Each result is compared with the CPU op so that a wrong answer also fails the run. Run it with
+PYTORCH_NO_CUDA_MEMORY_CACHING=1 so that every tensor is its own allocation and an out-of-bounds
+access cannot land silently inside torch's memory pool.
+
+``--only gemv`` limits the run to the shared-memory kernel (for racecheck / synccheck, which are slow).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+import slimformer  # noqa: F401  (registers torch.ops.slimformer)
+from slimformer.gptq import pack_cols, pack_rows
+
+ops = torch.ops.slimformer
+
+
+def make(K: int, N: int, bits: int, group_size: int, act_order: bool = False):
+    gs = K if group_size == -1 else group_size
+    G = -(-K // gs)
+    g_idx = (torch.arange(K) // gs).to(torch.int32)
+    if act_order:
+        g_idx = g_idx[torch.randperm(K)].contiguous()
+    q = torch.randint(0, 1 << bits, (K, N))
+    z = torch.randint(0, 1 << bits, (G, N))
+    scales = ((torch.rand(G, N) + 0.5) / (1 << bits)).half()
+    return pack_rows(q, bits), pack_cols(z, bits), scales, g_idx
+
+
+def check(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
+    got, want = got.double().cpu(), want.double()
+    err = float((got - want).norm() / want.norm().clamp_min(1e-30))
+    status = "ok" if err <= tol else "MISMATCH"
+    print(f"{status:8s} {name:48s} rel_err={err:.2e}")
+    if err > tol:
+        raise SystemExit(f"{name}: relative error {err:.3g} > {tol}")
+
+
+def gemm_case(name, K, N, bits, gs, M, dtype=torch.float16, act_order=False, perm=False, bias=False):
+    qw, qz, sc, gi = make(K, N, bits, gs, act_order)
+    x = torch.randn(M, K).to(dtype)
+    p = torch.randperm(K).to(torch.int32) if perm else None
+    b = torch.randn(N).half() if bias else None
+    want = ops.gptq_gemm(x.float(), qw, qz, sc, gi, p, b, bits, 1)
+    cuda = [t.cuda() if t is not None else None for t in (x, qw, qz, sc, gi, p, b)]
+    got = ops.gptq_gemm(*cuda, bits, 1)
+    torch.cuda.synchronize()
+    check(f"gemm {name} M={M} K={K} N={N} b{bits} {str(dtype)[6:]}", got, want,
+          1e-4 if dtype == torch.float32 else 2e-2)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", choices=("all", "gemv"), default="all")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("no GPU: nothing to check")
+        return 0
+    torch.manual_seed(0)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print(f"device: {torch.cuda.get_device_name()} ({sms} SMs)")
+    # K=64 at 4 bits leaves too few units per warp to split: one split, direct stores with bias.
+    gemm_case("one-split", 64, 200, 4, 32, 1, bias=True)
+    # Small N, larger K: split-K with the fp32 workspace; tail columns (N % 4 != 0).
+    gemm_case("split-k tail", 1024, 203, 4, 128, 2, torch.bfloat16, perm=True, bias=True)
+    gemm_case("split-k vec", 1024, 256, 4, 128, 4, torch.float32)
+    for bits in (2, 3, 8):  # every bits value, both load paths across them
+        gemm_case("bits", 576, 130 if bits == 3 else 132, bits, 128, 3, act_order=bits == 8)
+    gemm_case("row tile 8", 512, 96, 4, -1, 8)
+    gemm_case("two row tiles", 512, 97, 3, 32, 16, bias=True)
+    if args.only == "gemv":
+        return 0
+    gemm_case("dequant+cublas", 576, 131, 4, 128, 33, perm=True, bias=True)
+    gemm_case("dequant+cublas", 256, 64, 3, 64, 40, torch.float32)
+    for bits in (2, 3, 4, 8):
+        qw, qz, sc, gi = make(256, 45, bits, 64)
+        got = ops.gptq_dequantize(qw.cuda(), qz.cuda(), sc.cuda(), gi.cuda(), bits, 0)
+        torch.cuda.synchronize()
+        check(f"dequantize b{bits} K=256 N=45", got, ops.gptq_dequantize(qw, qz, sc, gi, bits, 0), 0.0)
+    print("all paths ran")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
