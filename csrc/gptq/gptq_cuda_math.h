@@ -9,7 +9,7 @@
 //
 // Small-batch kernel (gemv): a block of kGemvWarps warps covers kBlockCols = 32 * kVec columns and
 // up to `rows` rows of x (blockIdx.z picks the row tile). The K units are cut into
-// splits * kGemvWarps slices: blockIdx.y picks `splits`, the warp picks within the block. Warps
+// splits * kGemvWarps slices: blockIdx.y picks the split, the warp its slice within it. Warps
 // reduce through shared memory; blocks of different splits add into an fp32 workspace.
 #pragma once
 #include <stdint.h>
@@ -29,11 +29,11 @@ namespace cuda {
 
 constexpr int kVec = 4;                       // columns per thread (one 128-bit qweight load)
 constexpr int kWarpSize = 32;
-constexpr int kBlockCols = kWarpSize * kVec;  // columns per gemv block and per dequant block
+constexpr int kBlockCols = kWarpSize * kVec;  // columns per gemv block
 constexpr int kGemvWarps = 4;                 // K slices per gemv block
 constexpr int kGemvThreads = kGemvWarps * kWarpSize;
 constexpr int kGemvMinBlocksPerSm = 3;  // __launch_bounds__: 12 warps per SM at the least
-constexpr int kDequantThreads = kWarpSize * 4;
+constexpr int kDequantThreads = kWarpSize * 4;  // dequant block: 512 columns of one unit
 constexpr int kMaxGemvRows = 16;  // the adapter's small-batch limit
 constexpr int kMaxRowTile = 8;    // rows of x per gemv block (8 x 4 fp32 accumulators a thread)
 constexpr int64_t kMaxGridY = 65535;
@@ -89,11 +89,6 @@ SF_HD int64_t dequant_first_column(int64_t block, int thread) {
   return (block * kDequantThreads + thread) * kVec;
 }
 SF_HD int64_t dequant_grid_x(int64_t N) { return ceil_div(N, static_cast<int64_t>(kDequantThreads) * kVec); }
-
-// How many of the kVec columns starting at n0 exist (0 for threads past the last column).
-SF_HD int valid_columns(int64_t n0, int64_t N) {
-  return n0 >= N ? 0 : (N - n0 < kVec ? static_cast<int>(N - n0) : kVec);
-}
 
 // Float 2^23 + q, exactly, for 0 <= q < 2^23 (one integer OR instead of an int-to-float convert,
 // which has a quarter of the FMA throughput).

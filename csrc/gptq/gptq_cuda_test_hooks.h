@@ -105,7 +105,6 @@ inline void add(py::module_& m) {
   });
   m.def("_test_cuda_gemv_first_column", &gemv_first_column);
   m.def("_test_cuda_dequant_first_column", &dequant_first_column);
-  m.def("_test_cuda_valid_columns", &valid_columns);
   m.def("_test_cuda_magic_float", &magic_float);
   m.def("_test_cuda_dequant_magic", [](uint32_t q, float zero_point, float scale) {
     return dequant_magic(q, magic_zero(zero_point), scale);

@@ -49,14 +49,14 @@ SF_HD Words4 load_words4(const QuantWeights& w, int64_t row, int64_t n0) {
   }
 #endif
   Words4 r;
-SF_UNROLL
+  SF_UNROLL
   for (int c = 0; c < kVec; ++c) r.v[c] = n0 + c < w.N ? static_cast<uint32_t>(p[c]) : 0u;
   return r;
 }
 
 template <int BITS>
 SF_HD void load_unit(const QuantWeights& w, int64_t u, int64_t n0, Words4 (&words)[Unit<BITS>::kWords]) {
-SF_UNROLL
+  SF_UNROLL
   for (int i = 0; i < Unit<BITS>::kWords; ++i) words[i] = load_words4(w, unit_word_row(u, BITS, i), n0);
 }
 
@@ -78,7 +78,7 @@ struct GroupCache {
 
 SF_HD void load_group(const QuantWeights& w, int64_t g, int64_t n0, GroupCache& gc) {
   const int32_t* zrow = w.qzeros + g * w.zeros_stride;
-SF_UNROLL
+  SF_UNROLL
   for (int c = 0; c < kVec; ++c) {
     const int64_t n = n0 + c;
     const bool live = n < w.N;
@@ -109,23 +109,23 @@ SF_HD void accumulate_slice(const QuantWeights& w, const XLoad& x, const int32_t
     // Issue the next unit's loads before this unit's math so that they are in flight meanwhile.
     Words4 next[kWords] = {};
     if (u + 1 < units.end) load_unit<BITS>(w, u + 1, n0, next);
-SF_UNROLL
+    SF_UNROLL
     for (int j = 0; j < Unit<BITS>::kValues; ++j) {
       const int64_t k = unit_value_k(u, BITS, j);
       enter_group(w, k, n0, gc);
       float wv[kVec];
-SF_UNROLL
+      SF_UNROLL
       for (int c = 0; c < kVec; ++c) wv[c] = dequant_magic(unit_value<BITS>(cur, c, j), gc.zero[c], gc.scale[c]);
       const int64_t xk = perm != nullptr ? clamp_index(perm[k], w.K) : k;
-SF_UNROLL
+      SF_UNROLL
       for (int r = 0; r < ROWS; ++r) {
         if (m0 + r >= M) continue;
         const float xv = x((m0 + r) * w.K + xk);
-SF_UNROLL
+        SF_UNROLL
         for (int c = 0; c < kVec; ++c) acc[r][c] += xv * wv[c];
       }
     }
-SF_UNROLL
+    SF_UNROLL
     for (int i = 0; i < kWords; ++i) cur[i] = next[i];
   }
 }
@@ -136,12 +136,12 @@ template <int BITS, class Sink>
 SF_HD void dequant_unit(const QuantWeights& w, int64_t u, int64_t n0, GroupCache& gc, Sink& sink) {
   Words4 words[Unit<BITS>::kWords];
   load_unit<BITS>(w, u, n0, words);
-SF_UNROLL
+  SF_UNROLL
   for (int j = 0; j < Unit<BITS>::kValues; ++j) {
     const int64_t k = unit_value_k(u, BITS, j);
     enter_group(w, k, n0, gc);
     float v[kVec];
-SF_UNROLL
+    SF_UNROLL
     for (int c = 0; c < kVec; ++c) v[c] = dequant_magic(unit_value<BITS>(words, c, j), gc.zero[c], gc.scale[c]);
     sink(k, n0, v);
   }
@@ -151,7 +151,7 @@ SF_UNROLL
 template <int ROWS>
 SF_HD float block_sum(const float (&red)[kGemvWarps][ROWS][kBlockCols], int e) {
   float s = red[0][reduce_row(e)][reduce_col(e)];
-SF_UNROLL
+  SF_UNROLL
   for (int i = 1; i < kGemvWarps; ++i) s += red[i][reduce_row(e)][reduce_col(e)];
   return s;
 }
