@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "common/cpu_features.h"
+#include "gptq/gptq_cuda_test_hooks.h"
 #include "gptq/gptq_format.h"
 
 #ifndef SLIMFORMER_CUDA_ARCHS
@@ -72,4 +73,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("_test_unpack_unit", &unpack_unit);
   m.def("_test_half_bits_to_float", [](uint16_t h) { return gptq::half_bits_to_float(h); });
   m.def("_test_bf16_bits_to_float", [](uint16_t b) { return gptq::bf16_bits_to_float(b); });
+
+  // ---- CUDA kernel test hooks: _test_cuda_* (index/bit math and a host replay of the kernels;
+  // torch- and CUDA-free, so present in CPU-only builds too). See gptq/gptq_cuda_test_hooks.h.
+  gptq::cuda::test_hooks::add(m);
 }
