@@ -6,15 +6,18 @@ in one run:
 - dense: ``F.linear(x, W)`` with the original weight (fp32 on CPU, fp16 = cuBLAS on CUDA);
 - ours: ``slimformer.ops.gptq_gemm`` on the buffers of
   ``QuantLinear.from_linear(nn.Linear(K, N, bias=False), bits, group_size)``;
+- ours a8 (CPU, where the build has it): ``slimformer.ops.gptq_gemm_a8``, the same weights with x
+  quantized on the fly to int8 per 32 inputs (``QuantLinear(..., int8_activations=True)``);
 - torch int4, the peer to beat: on CPU ``aten._weight_int4pack_mm_for_cpu`` (bf16 activations,
   weight packed by ``aten._convert_weight_to_int4pack_for_cpu``); on CUDA, when this torch build
   has it, ``aten._weight_int4pack_mm`` (tinygemm). Both need 4 bits and K % group_size == 0; the
   same quantized integers, scales and zeros as ours are fed to it, so all variants compute the
-  same function.
+  same function (up to activation rounding).
 
-Before timing, every (shape, M) cell checks ours (and torch int4) against ``F.linear`` on the
-weight dequantized by the pure-PyTorch reference (and checks ``slimformer.ops.gptq_dequantize``
-against that reference once per shape); a mismatch aborts the run without writing results.
+Before timing, every (shape, M) cell checks ours, ours a8 (on its int8-quantized x) and torch
+int4 against ``F.linear`` on the weight dequantized by the pure-PyTorch reference (and checks
+``slimformer.ops.gptq_dequantize`` against that reference once per shape); a mismatch aborts the
+run without writing results.
 
 Use ``slimformer bench gptq --help`` for the options.
 """
@@ -113,6 +116,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds per (shape, M) cell for all variants together: slow cells use fewer reps, "
                         "never fewer than --min-reps; 0 = always --reps (default 3)")
     p.add_argument("--min-reps", type=int, default=3, help="lower bound on reps under --budget (default 3)")
+    p.add_argument("--no-a8", action="store_true",
+                   help="skip the int8-activation variant (slimformer.ops.gptq_gemm_a8; CPU only)")
     p.add_argument("--warm-cache", action="store_true",
                    help="do not flush the caches before each timed call (default: flush, so weights come from "
                         "memory as in LLM decoding; warm-cache numbers flatter small layers)")
@@ -130,7 +135,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     a = argparse.Namespace(**vars(args))
     a.custom = any(getattr(args, k) is not None for k in ("shapes", "batches")) or args.bits != 4 \
-        or args.group_size != 128 or args.dtype is not None or args.warm_cache
+        or args.group_size != 128 or args.dtype is not None or args.warm_cache or args.no_a8
     a.shapes = args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
     a.batches = args.batches or (QUICK_BATCHES if args.quick else DEFAULT_BATCHES)
     a.warmup = args.warmup if args.warmup is not None else 3
@@ -145,6 +150,7 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     a.x_dtype = _DTYPES[args.dtype] if args.dtype else (torch.float32 if a.device == "cpu" else torch.float16)
     a.dense_dtype = torch.float32 if a.device == "cpu" else torch.float16
     a.out = args.out if args.out is not None else default_out_dir()
+    a.a8 = not args.no_a8 and a.device == "cpu" and hasattr(torch.ops.slimformer, "gptq_gemm_a8")
     return a
 
 
@@ -221,7 +227,7 @@ def _fmt_us(v: float | None) -> str:
 
 def _run_shape(a, K: int, N: int, dev: torch.device, flush, log) -> list[dict]:
     from .. import ops
-    from ..gptq.reference import dequantize_reference
+    from ..gptq.reference import dequantize_reference, quantize_activations_a8
     from ..nn import QuantLinear
 
     group = K if a.group_size == -1 else a.group_size
@@ -275,6 +281,21 @@ def _run_shape(a, K: int, N: int, dev: torch.device, flush, log) -> list[dict]:
                 f"x={_DTYPE_NAMES[x.dtype]}: relative error {ours_err:.3g} > {_TOLERANCE[x.dtype]:g} "
                 f"(shape {tuple(y.shape)}, dtype {y.dtype})")
         fns = {"dense": dense, "ours": ours}
+        a8_err = a8_err_exact = None
+        if a.a8:
+            def ours_a8():
+                return ops.gptq_gemm_a8(x, qw, qz, sc, gi, a.bits, zo)
+
+            y8 = ours_a8()
+            ref8 = F.linear(quantize_activations_a8(x, gi).float(), w_ref_t)
+            a8_err, a8_err_exact = _rel_err(y8, ref8), _rel_err(y8, ref)
+            if y8.shape != (M, N) or y8.dtype != x.dtype or not a8_err <= _TOLERANCE[x.dtype]:
+                raise KernelMismatch(
+                    f"slimformer gptq_gemm_a8 is WRONG on K={K} N={N} M={M} bits={a.bits} group={a.group_size} "
+                    f"x={_DTYPE_NAMES[x.dtype]}: relative error {a8_err:.3g} > {_TOLERANCE[x.dtype]:g} against "
+                    f"its reference (int8-quantized x), shape {tuple(y8.shape)}, dtype {y8.dtype}")
+            fns["a8"] = ours_a8
+            del y8, ref8
         int4_err, reason = None, int4_reason
         if int4_call is not None:
             try:
@@ -302,19 +323,27 @@ def _run_shape(a, K: int, N: int, dev: torch.device, flush, log) -> list[dict]:
             "dense": {**t["dense"].as_dict(), "dtype": _DTYPE_NAMES[a.dense_dtype], "weight_bytes": dense_bytes},
             "ours": {**t["ours"].as_dict(), "dtype": _DTYPE_NAMES[a.x_dtype], "weight_bytes": ours_bytes,
                      "rel_err": ours_err},
+            "a8": ({**t["a8"].as_dict(), "dtype": _DTYPE_NAMES[a.x_dtype] + " -> int8", "weight_bytes": ours_bytes,
+                    "rel_err": a8_err, "rel_err_vs_exact": a8_err_exact} if "a8" in t else {"skipped": "n/a"}),
             "int4": ({**t["int4"].as_dict(), "dtype": "bf16", "weight_bytes": int4_bytes, "rel_err": int4_err}
                      if "int4" in t else {"skipped": reason}),
         }
-        for v in ("dense", "ours", "int4"):
+        for v in ("dense", "ours", "a8", "int4"):
             if "median_us" in row[v]:
                 row[v]["gb_per_s"] = row[v]["weight_bytes"] / (row[v]["median_us"] * 1e-6) / 1e9
         row["speedup_vs_dense"] = row["dense"]["median_us"] / row["ours"]["median_us"]
         row["speedup_vs_int4"] = (row["int4"]["median_us"] / row["ours"]["median_us"]
                                   if "median_us" in row["int4"] else None)
+        if "median_us" in row["a8"]:
+            row["a8_speedup_vs_dense"] = row["dense"]["median_us"] / row["a8"]["median_us"]
+            row["a8_speedup_vs_int4"] = (row["int4"]["median_us"] / row["a8"]["median_us"]
+                                         if "median_us" in row["int4"] else None)
         rows.append(row)
         int4_text = f"{_fmt_us(row['int4']['median_us'])} us" if "median_us" in row["int4"] else reason
         log(f"  {K:>5}x{N:<5} M={M:<4} dense {_fmt_us(row['dense']['median_us']):>8} us  "
-            f"ours {_fmt_us(row['ours']['median_us']):>8} us  int4 {int4_text}  "
+            f"ours {_fmt_us(row['ours']['median_us']):>8} us  "
+            + (f"a8 {_fmt_us(row['a8']['median_us']):>8} us  " if "median_us" in row["a8"] else "")
+            + f"int4 {int4_text}  "
             f"(reps {row['ours']['reps']}, rel err {ours_err:.1e})")
         del x, x_dense, x_bf16, fns, t
     del qlin, qw, qz, sc, gi, w_dense, w_ref_t, int4_call
@@ -324,20 +353,28 @@ def _run_shape(a, K: int, N: int, dev: torch.device, flush, log) -> list[dict]:
 # -- report -----------------------------------------------------------------------------------
 def _table(rows: list[dict], device: str) -> str:
     dense_name = "dense fp32" if device == "cpu" else "dense fp16"
-    headers = ["K x N", "M", f"{dense_name} us", "ours us", "torch int4 us", f"{dense_name} GB/s", "ours GB/s",
-               "int4 GB/s", "ours vs dense", "ours vs int4"]
+    a8 = any("median_us" in r["a8"] for r in rows)
+
+    def us(v):
+        return _fmt_us(v["median_us"]) if "median_us" in v else v.get("skipped", "-")
+
+    def gbs(v):
+        return f"{v['gb_per_s']:.1f}" if "gb_per_s" in v else "-"
+
+    def ratio(x):
+        return f"{x:.2f}x" if x is not None else "-"
+
+    headers = ["K x N", "M", f"{dense_name} us", "ours us"] + (["ours a8 us"] if a8 else []) + [
+        "torch int4 us", f"{dense_name} GB/s", "ours GB/s"] + (["a8 GB/s"] if a8 else []) + [
+        "int4 GB/s", "ours vs dense", "ours vs int4"] + (["a8 vs dense", "a8 vs int4"] if a8 else [])
     body = []
     for r in rows:
-        i4 = r["int4"]
-        body.append([
-            f"{r['K']}x{r['N']}", r["M"], _fmt_us(r["dense"]["median_us"]), _fmt_us(r["ours"]["median_us"]),
-            _fmt_us(i4["median_us"]) if "median_us" in i4 else i4["skipped"],
-            f"{r['dense']['gb_per_s']:.1f}", f"{r['ours']['gb_per_s']:.1f}",
-            f"{i4['gb_per_s']:.1f}" if "gb_per_s" in i4 else "-",
-            f"{r['speedup_vs_dense']:.2f}x",
-            f"{r['speedup_vs_int4']:.2f}x" if r["speedup_vs_int4"] is not None else "-",
-        ])
-    return markdown_table(headers, body, align="lr" + "r" * 8)
+        body.append(
+            [f"{r['K']}x{r['N']}", r["M"], us(r["dense"]), us(r["ours"])] + ([us(r["a8"])] if a8 else [])
+            + [us(r["int4"]), gbs(r["dense"]), gbs(r["ours"])] + ([gbs(r["a8"])] if a8 else [])
+            + [gbs(r["int4"]), ratio(r["speedup_vs_dense"]), ratio(r["speedup_vs_int4"])]
+            + ([ratio(r.get("a8_speedup_vs_dense")), ratio(r.get("a8_speedup_vs_int4"))] if a8 else []))
+    return markdown_table(headers, body, align="lr" + "r" * (len(headers) - 2))
 
 
 def _markdown(payload: dict) -> str:
@@ -372,11 +409,16 @@ def _markdown(payload: dict) -> str:
                                 if c["cache"] != "warm" else
                                 " Warm caches (--warm-cache): layers that fit in cache can exceed DRAM bandwidth."),
         "- ours vs X = X's time / our time: above 1.00x slimformer is faster.",
+        *(["- ours a8 = `slimformer.ops.gptq_gemm_a8` (`QuantLinear(int8_activations=True)`): same weights, x "
+           "quantized on the fly to int8 per 32 inputs, integer dot products; relative error vs exact "
+           f"{min(errs):.1e} to {max(errs):.1e} in this run (JSON: rel_err_vs_exact)."]
+          if (errs := [r["a8"]["rel_err_vs_exact"] for r in payload["rows"] if "rel_err_vs_exact" in r["a8"]])
+          else []),
         f"- torch int4 = {peer}, fed the same quantized integers, scales and zeros; x is cast to bf16 before "
         "timing" + (" (its fast path; fp32/fp16 x take a generic path that is over 10x slower)."
                     if dev == "cpu" else "."),
-        "- Every row was checked before timing: ours and torch int4 against F.linear on the weight dequantized "
-        "by the pure-PyTorch reference.",
+        "- Every row was checked before timing: ours, ours a8 (on its int8-quantized x) and torch int4 against "
+        "F.linear on the weight dequantized by the pure-PyTorch reference.",
     ]
     if any(r["int4"].get("skipped") == "n/a (K % group != 0)" for r in payload["rows"]):
         notes.append("- **n/a (K % group != 0)**: torch's int4 kernels require in_features to be a multiple of "
