@@ -18,7 +18,6 @@ namespace slimformer {
 namespace gptq {
 namespace a8 {
 
-constexpr int kBlock = 512;           // columns per block with one row pass
 constexpr int kBlockMultiPass = 128;  // with several passes: keep the block's weights in L2
 constexpr int kMaxRows = 4;           // 8 int32 accumulators + 5 working registers
 
@@ -29,6 +28,8 @@ constexpr uint32_t byte_mask() {
 
 template <class Dot, int BITS, int MT>
 void block(const A8Args& a, int64_t m0, int64_t nb0, int ntiles) {
+  const int64_t ld = static_cast<int64_t>(ntiles) * kTile;
+  float* acc_buf = acc_scratch(MT * ld);
   constexpr int VPW = 32 / BITS, P = a8_passes(BITS), UPB = kA8Block / VPW;
   // vpdpbusd has ~5 cycles of latency: with 1-2 rows, alternate words between two accumulator
   // sets so enough dependency chains are in flight.
@@ -37,7 +38,6 @@ void block(const A8Args& a, int64_t m0, int64_t nb0, int ntiles) {
   const A8Activations& act = *a.act;
   const int64_t N = w.N;
   const __m256i mask = _mm256_set1_epi32(static_cast<int>(byte_mask<BITS>()));
-  alignas(32) float acc_buf[MT][kBlock];
 
   for (int64_t s = 0; s < a.nseg; ++s) {
     const Segment seg = a.segs[s];
@@ -48,11 +48,14 @@ void block(const A8Args& a, int64_t m0, int64_t nb0, int ntiles) {
     for (int m = 0; m < MT; ++m) {
       xu[m] = act.xq_units.data() + ((m0 + m) * act.unit_slots + act.seg_unit_slot[s]) * P;
       dx[m] = act.dx.data() + (m0 + m) * act.block_slots + act.seg_block_slot[s];
-      std::fill(acc_buf[m], acc_buf[m] + ntiles * kTile, 0.f);
+      std::fill(acc_buf + m * ld, acc_buf + (m + 1) * ld, 0.f);
     }
     for (int64_t b = b_first; b * kA8Block < seg.k_end; ++b) {
       const int64_t u_lo = std::max(b * UPB, u_first), u_hi = std::min((b + 1) * UPB, u_end);
       for (int t = 0; t < ntiles; ++t) {
+        for (int64_t u = u_lo; u < u_hi; ++u)  // the same words of the next-but-one blocks
+          _mm_prefetch(reinterpret_cast<const char*>(w.qweight + (u + kPrefetchUnits) * N + nb0 + t * kTile),
+                       _MM_HINT_T0);
         __m256i acc[S][MT][2];
         for (int i = 0; i < S; ++i)
           for (int m = 0; m < MT; ++m) acc[i][m][0] = acc[i][m][1] = _mm256_setzero_si256();
@@ -80,7 +83,7 @@ void block(const A8Args& a, int64_t m0, int64_t nb0, int ntiles) {
           for (int h = 0; h < 2; ++h) {
             __m256i sum = acc[0][m][h];
             for (int i = 1; i < S; ++i) sum = _mm256_add_epi32(sum, acc[i][m][h]);
-            float* out = acc_buf[m] + t * kTile + 8 * h;
+            float* out = acc_buf + m * ld + t * kTile + 8 * h;
             _mm256_store_ps(out, _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), d, _mm256_load_ps(out)));
           }
         }
@@ -94,7 +97,7 @@ void block(const A8Args& a, int64_t m0, int64_t nb0, int ntiles) {
       for (int m = 0; m < MT; ++m) {
         float* y = a.y + (m0 + m) * N + n;
         const __m256 xs = _mm256_set1_ps(act.xsum[(m0 + m) * a.nseg + s]);
-        const __m256 t = _mm256_fnmadd_ps(zv, xs, _mm256_load_ps(acc_buf[m] + c));
+        const __m256 t = _mm256_fnmadd_ps(zv, xs, _mm256_load_ps(acc_buf + m * ld + c));
         _mm256_storeu_ps(y, _mm256_fmadd_ps(sv, t, _mm256_loadu_ps(y)));
       }
     }
@@ -116,7 +119,7 @@ void gemm(const A8Args& a, int64_t n_begin, int64_t n_end) {
   const int64_t N = a.w.N, M = a.act->M;
   const int64_t n_vec_end = n_begin + (n_end - n_begin) / kTile * kTile;
   for (int64_t m = 0; m < M; ++m) std::fill(a.y + m * N + n_begin, a.y + m * N + n_vec_end, 0.f);
-  const int64_t blk = M <= kMaxRows ? kBlock : kBlockMultiPass;
+  const int64_t blk = M <= kMaxRows ? kStreamColumns : kBlockMultiPass;
   for (int64_t nb0 = n_begin; nb0 < n_vec_end; nb0 += blk) {
     const int ntiles = static_cast<int>(std::min<int64_t>(blk, n_vec_end - nb0) / kTile);
     for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {

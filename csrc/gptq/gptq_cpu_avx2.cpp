@@ -1,8 +1,8 @@
 // AVX2 + FMA + F16C CPU kernels (this file alone is compiled with -mavx2 -mfma -mf16c; the
 // adapter only calls in after checking the CPU at run time).
 //
-// gemm_avx2 (any batch): columns are processed in blocks (512 columns for up to 6 rows of x, 128
-// when several 6-row passes re-read a block, so it stays in L2). For each segment (run of k with
+// gemm_avx2 (any batch): columns are processed in blocks (the thread's whole range for up to 6
+// rows of x, 128 columns when several 6-row passes re-read a block, so it stays in L2). For each segment (run of k with
 // one group) the integer weights are unpacked in registers and multiplied into fp32 accumulators
 // for up to 6 rows of x at a time, so each unpacked weight vector feeds up to 6 FMAs; the scale
 // and zero point are applied once per segment (zero folded through the sum of x over the
@@ -19,7 +19,6 @@ namespace slimformer {
 namespace gptq {
 namespace {
 
-constexpr int kBlock = 512;  // columns per block: acc buffer of 6 rows x 512 fp32 = 12 KiB
 // With more rows than one pass takes, each block's packed weights are re-read once per pass:
 // narrower blocks keep them in L2 (128 columns x 4096 k at 4 bits = 256 KiB).
 constexpr int kBlockMultiPass = 128;
@@ -78,17 +77,18 @@ inline void fma_unit(const int32_t* w, int64_t N, const float* const* xp,
 // y[m0:m0+MT, nb0:nb0+ntiles*kTile] += x[m0:m0+MT] @ W[:, same columns]
 template <int BITS, int MT>
 void gemm_block(const GemmArgs& a, int64_t m0, int64_t nb0, int ntiles) {
+  const int64_t ld = static_cast<int64_t>(ntiles) * kTile;
+  float* acc_buf = acc_scratch(MT * ld);
   constexpr int VPU = vpu(BITS), WPU = wpu(BITS);
   const Weights& w = a.w;
   const int64_t N = w.N, K = w.K;
-  alignas(32) float acc_buf[MT][kBlock];
   alignas(32) float xpad[MT][32];
   const float* xrow[MT];
   for (int m = 0; m < MT; ++m) xrow[m] = a.x_prescaled + (m0 + m) * K;
 
   for (int64_t s = 0; s < a.nseg; ++s) {
     const Segment seg = a.segs[s];
-    for (int m = 0; m < MT; ++m) std::fill(acc_buf[m], acc_buf[m] + ntiles * kTile, 0.f);
+    for (int m = 0; m < MT; ++m) std::fill(acc_buf + m * ld, acc_buf + (m + 1) * ld, 0.f);
     const int64_t u_end = (seg.k_end + VPU - 1) / VPU;
     for (int64_t u = seg.k_begin / VPU; u < u_end; ++u) {
       const int64_t k0 = u * VPU;
@@ -105,12 +105,15 @@ void gemm_block(const GemmArgs& a, int64_t m0, int64_t nb0, int ntiles) {
         }
       }
       const int32_t* wu = w.qweight + u * WPU * N + nb0;
+      const int32_t* ahead = wu + kPrefetchUnits * WPU * N;  // prefetches never fault
       for (int t = 0; t < ntiles; ++t) {
+        for (int r = 0; r < WPU; ++r)
+          _mm_prefetch(reinterpret_cast<const char*>(ahead + r * N + t * kTile), _MM_HINT_T0);
         constexpr int P = phases(MT);
         __m256 acc[P][MT][2];
         for (int m = 0; m < MT; ++m) {
-          acc[0][m][0] = _mm256_load_ps(acc_buf[m] + t * kTile);
-          acc[0][m][1] = _mm256_load_ps(acc_buf[m] + t * kTile + 8);
+          acc[0][m][0] = _mm256_load_ps(acc_buf + m * ld + t * kTile);
+          acc[0][m][1] = _mm256_load_ps(acc_buf + m * ld + t * kTile + 8);
           for (int p = 1; p < P; ++p) acc[p][m][0] = acc[p][m][1] = _mm256_setzero_ps();
         }
         fma_unit<BITS, MT>(wu + t * kTile, N, xp, acc, std::make_integer_sequence<int, VPU>{});
@@ -119,8 +122,8 @@ void gemm_block(const GemmArgs& a, int64_t m0, int64_t nb0, int ntiles) {
             acc[0][m][0] = _mm256_add_ps(acc[0][m][0], acc[p][m][0]);
             acc[0][m][1] = _mm256_add_ps(acc[0][m][1], acc[p][m][1]);
           }
-          _mm256_store_ps(acc_buf[m] + t * kTile, acc[0][m][0]);
-          _mm256_store_ps(acc_buf[m] + t * kTile + 8, acc[0][m][1]);
+          _mm256_store_ps(acc_buf + m * ld + t * kTile, acc[0][m][0]);
+          _mm256_store_ps(acc_buf + m * ld + t * kTile + 8, acc[0][m][1]);
         }
       }
     }
@@ -132,7 +135,7 @@ void gemm_block(const GemmArgs& a, int64_t m0, int64_t nb0, int ntiles) {
       for (int m = 0; m < MT; ++m) {
         float* y = a.y + (m0 + m) * N + n;
         const __m256 xs = _mm256_set1_ps(a.xsum[(m0 + m) * a.nseg + s]);
-        const __m256 t = _mm256_fnmadd_ps(zv, xs, _mm256_load_ps(acc_buf[m] + c));
+        const __m256 t = _mm256_fnmadd_ps(zv, xs, _mm256_load_ps(acc_buf + m * ld + c));
         _mm256_storeu_ps(y, _mm256_fmadd_ps(sv, t, _mm256_loadu_ps(y)));
       }
     }
@@ -174,7 +177,7 @@ void gemm_avx2(const GemmArgs& a, int64_t n_begin, int64_t n_end) {
   const int64_t N = a.w.N;
   const int64_t n_vec_end = n_begin + (n_end - n_begin) / kTile * kTile;
   for (int64_t m = 0; m < a.M; ++m) std::fill(a.y + m * N + n_begin, a.y + m * N + n_vec_end, 0.f);
-  const int64_t block = a.M <= kMaxRows ? kBlock : kBlockMultiPass;
+  const int64_t block = a.M <= kMaxRows ? kStreamColumns : kBlockMultiPass;
   for (int64_t nb0 = n_begin; nb0 < n_vec_end; nb0 += block) {
     const int ntiles = static_cast<int>(std::min<int64_t>(block, n_vec_end - nb0) / kTile);
     for (int64_t m0 = 0; m0 < a.M; m0 += kMaxRows) {

@@ -3,12 +3,38 @@
 #pragma once
 #include <immintrin.h>
 
+#include <cstdlib>
+#include <memory>
+
 #include "gptq/gptq_cpu.h"
 
 namespace slimformer {
 namespace gptq {
 
 constexpr int kTile = 16;  // columns per register tile: two ymm of 8 int32 words
+
+// Columns per block with one pass of rows: each packed row is read in runs of 4 KiB while the
+// block's fp32 accumulators (up to 6 rows x 1024 columns) stay in L1/L2.
+constexpr int64_t kStreamColumns = 1024;
+// Units (packed rows) ahead to prefetch: the hardware prefetchers do not follow runs of a few KiB
+// that are N*4 bytes apart, so the kernels ask for the next rows of their block themselves.
+constexpr int kPrefetchUnits = 16;
+
+// Per-thread scratch for fp32 accumulators, 64-byte aligned, grown on demand and reused.
+inline float* acc_scratch(int64_t floats) {
+  struct Free {
+    void operator()(float* p) const { std::free(p); }
+  };
+  thread_local std::unique_ptr<float, Free> buf;
+  thread_local int64_t capacity = 0;
+  if (floats > capacity) {
+    const int64_t bytes = (floats * static_cast<int64_t>(sizeof(float)) + 63) / 64 * 64;
+    buf.reset(static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>(bytes))));
+    if (!buf) throw std::bad_alloc();
+    capacity = floats;
+  }
+  return buf.get();
+}
 
 constexpr int vpu(int bits) { return bits == 3 ? 32 : 32 / bits; }  // values per unit
 constexpr int wpu(int bits) { return bits == 3 ? 3 : 1; }           // words per unit
