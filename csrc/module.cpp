@@ -54,19 +54,20 @@ PYBIND11_MODULE(_C, m) {
   m.attr("has_cuda_kernels") = false;
 #endif
   m.attr("cuda_archs") = std::string(SLIMFORMER_CUDA_ARCHS);
-  m.attr("compiled_cpu_isas") = std::vector<std::string>{"scalar", "avx2", "avxvnni"};
+  m.attr("compiled_cpu_isas") = std::vector<std::string>{"scalar", "avx2", "avxvnni", "avx512vnni"};
   m.def("cpu_supports_avx2", &cpu_supports_avx2, "Whether this CPU has AVX2, FMA and F16C.");
   m.def("cpu_supports_avxvnni", &cpu_supports_avxvnni, "Whether this CPU also has AVX-VNNI.");
+  m.def("cpu_supports_avx512vnni", &cpu_supports_avx512vnni, "Whether this CPU has AVX-512 F/BW/VL/VNNI.");
   m.def("active_cpu_isa", [] { return std::string(cpu_isa_name(active_cpu_isa())); },
-        "The CPU kernel implementation in use: 'scalar', 'avx2' or 'avxvnni'.");
+        "The CPU kernel implementation in use: 'scalar', 'avx2', 'avxvnni' or 'avx512vnni'.");
   m.def(
       "set_cpu_isa",
       [](const std::string& name) {
         if (!set_cpu_isa(name.c_str()))
           throw py::value_error("cannot use CPU ISA '" + name +
-                                 "' (choose scalar, avx2, avxvnni or auto; the CPU must support it)");
+                                 "' (choose scalar, avx2, avxvnni, avx512vnni or auto; the CPU must support it)");
       },
-      py::arg("name"), "Force the CPU kernel implementation: 'scalar', 'avx2', 'avxvnni' or 'auto'.");
+      py::arg("name"), "Force the CPU kernel implementation: 'scalar', 'avx2', 'avxvnni', 'avx512vnni' or 'auto'.");
 
   // Test hooks: the same __host__ __device__ functions the CUDA kernels run.
   m.def("_test_unpack_stream", &unpack_stream_np);

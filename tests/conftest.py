@@ -4,7 +4,7 @@
   random data and a failure reproduces with the same data.
 - ``isa``: switches the CPU kernel implementation (``slimformer._C.set_cpu_isa``) and restores the
   previous one afterwards. Parametrize it indirectly (``@pytest.mark.parametrize("isa", ["scalar",
-  "avx2"], indirect=True)``) or call it (``isa("scalar")``); "avx2"/"avxvnni" skip on CPUs without them.
+  "avx2"], indirect=True)``) or call it (``isa("scalar")``); the SIMD levels skip on CPUs without them.
 - ``make_gptq``: a factory for random GPTQ checkpoint tensors plus their fp64 ground truth, computed
   from the integer values directly (independent of slimformer's unpacking and reference code).
 
@@ -42,6 +42,8 @@ def isa(request):
             pytest.skip("this CPU lacks AVX2/FMA/F16C")
         if name == "avxvnni" and not _C.cpu_supports_avxvnni():
             pytest.skip("this CPU lacks AVX-VNNI")
+        if name == "avx512vnni" and not _C.cpu_supports_avx512vnni():
+            pytest.skip("this CPU lacks AVX-512 VNNI")
         _C.set_cpu_isa(name)
         active = _C.active_cpu_isa()
         if name != "auto":

@@ -13,7 +13,9 @@ from slimformer.gptq import gptq_linear_a8_reference, quantize_activations_a8
 from slimformer.nn import QuantLinear
 from slimformer.ops import gptq_gemm, gptq_gemm_a8
 
-ISAS = ["scalar", "avx2", "avxvnni"]
+ISAS = ["scalar", "avx2", "avxvnni", "avx512vnni"]
+SUPPORTED = {"scalar": lambda: True, "avx2": _C.cpu_supports_avx2, "avxvnni": _C.cpu_supports_avxvnni,
+             "avx512vnni": _C.cpu_supports_avx512vnni}
 
 CASES = [  # K, N, bits, group_size, M, act_order, zero_offset
     (576, 1536, 4, 128, 1, False, 1),   # SmolLM2: last group of 64
@@ -25,6 +27,7 @@ CASES = [  # K, N, bits, group_size, M, act_order, zero_offset
     (288, 77, 3, 32, 4, False, 1),      # 3-bit: same rule through the float kernel
     (4160, 24, 4, -1, 16, False, 1),
     (1024, 130, 4, 128, 33, True, 1),
+    (512, 1000, 4, 128, 12, False, 1),  # 512-bit kernel: 8-row pass + 4-row pass, 8-column tail
 ]
 
 
@@ -57,7 +60,7 @@ def test_isas_agree(make_gptq, helpers, isa):
     x = torch.randn(6, 1024)
     outs = {}
     for name in ISAS:
-        if name == "avx2" and not _C.cpu_supports_avx2() or name == "avxvnni" and not _C.cpu_supports_avxvnni():
+        if not SUPPORTED[name]():
             continue
         isa(name)
         outs[name] = gptq_gemm_a8(x, d.qweight, d.qzeros, d.scales, d.g_idx, 4, 1)

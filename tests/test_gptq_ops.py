@@ -254,12 +254,14 @@ def test_thread_count_does_not_change_result(M, make_gptq, helpers):
 
 
 def test_isa_switch_and_restore(isa):
-    assert _C.active_cpu_isa() in ("scalar", "avx2", "avxvnni")
+    assert _C.active_cpu_isa() in ("scalar", "avx2", "avxvnni", "avx512vnni")
     assert isa("scalar") == "scalar"
     assert _C.active_cpu_isa() == "scalar"
-    best = "avxvnni" if _C.cpu_supports_avxvnni() else ("avx2" if _C.cpu_supports_avx2() else "scalar")
+    best = next(name for name, ok in [("avx512vnni", _C.cpu_supports_avx512vnni()),
+                                      ("avxvnni", _C.cpu_supports_avxvnni()),
+                                      ("avx2", _C.cpu_supports_avx2()), ("scalar", True)] if ok)
     assert isa("auto") == best
-    with pytest.raises(ValueError, match="scalar, avx2, avxvnni or auto"):
+    with pytest.raises(ValueError, match="scalar, avx2, avxvnni, avx512vnni or auto"):
         _C.set_cpu_isa("avx512")
     if not _C.cpu_supports_avx2():
         with pytest.raises(ValueError):

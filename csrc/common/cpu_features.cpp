@@ -12,6 +12,7 @@ namespace slimformer {
 namespace {
 
 CpuIsa best_isa() {
+  if (cpu_supports_avx512vnni()) return CpuIsa::kAvx512Vnni;
   if (cpu_supports_avxvnni()) return CpuIsa::kAvxVnni;
   return cpu_supports_avx2() ? CpuIsa::kAvx2 : CpuIsa::kScalar;
 }
@@ -20,6 +21,7 @@ CpuIsa initial_isa() {
   const char* env = std::getenv("SLIMFORMER_CPU_ISA");
   if (env != nullptr && std::strcmp(env, "scalar") == 0) return CpuIsa::kScalar;
   if (env != nullptr && std::strcmp(env, "avx2") == 0 && cpu_supports_avx2()) return CpuIsa::kAvx2;
+  if (env != nullptr && std::strcmp(env, "avxvnni") == 0 && cpu_supports_avxvnni()) return CpuIsa::kAvxVnni;
   return best_isa();
 }
 
@@ -53,6 +55,17 @@ bool cpu_supports_avxvnni() {
 #endif
 }
 
+bool cpu_supports_avx512vnni() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool ok = cpu_supports_avx2() && __builtin_cpu_supports("avx512f") &&
+                         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                         __builtin_cpu_supports("avx512vnni");
+  return ok;
+#else
+  return false;
+#endif
+}
+
 CpuIsa active_cpu_isa() { return static_cast<CpuIsa>(isa_slot().load(std::memory_order_relaxed)); }
 
 bool set_cpu_isa(const char* name) {
@@ -65,6 +78,9 @@ bool set_cpu_isa(const char* name) {
   } else if (std::strcmp(name, "avxvnni") == 0) {
     if (!cpu_supports_avxvnni()) return false;
     isa = CpuIsa::kAvxVnni;
+  } else if (std::strcmp(name, "avx512vnni") == 0) {
+    if (!cpu_supports_avx512vnni()) return false;
+    isa = CpuIsa::kAvx512Vnni;
   } else if (std::strcmp(name, "auto") == 0) {
     isa = best_isa();
   } else {
@@ -76,6 +92,7 @@ bool set_cpu_isa(const char* name) {
 
 const char* cpu_isa_name(CpuIsa isa) {
   switch (isa) {
+    case CpuIsa::kAvx512Vnni: return "avx512vnni";
     case CpuIsa::kAvxVnni: return "avxvnni";
     case CpuIsa::kAvx2: return "avx2";
     default: return "scalar";

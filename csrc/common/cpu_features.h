@@ -6,18 +6,20 @@
 namespace slimformer {
 
 // Ordered: each level includes the ones below it.
-enum class CpuIsa : int { kScalar = 0, kAvx2 = 1, kAvxVnni = 2 };
+enum class CpuIsa : int { kScalar = 0, kAvx2 = 1, kAvxVnni = 2, kAvx512Vnni = 3 };
 
 // True when the CPU supports AVX2, FMA and F16C.
 bool cpu_supports_avx2();
 // True when it also supports AVX-VNNI (256-bit vpdpbusd; Intel Alder Lake+, AMD Zen 4+).
 bool cpu_supports_avxvnni();
+// True when it also supports AVX-512 F/BW/VL/VNNI (Intel Ice Lake+ servers, AMD Zen 4+).
+bool cpu_supports_avx512vnni();
 
 // The implementation the kernels use now: the best supported one unless forced to scalar by
 // set_cpu_isa() or the SLIMFORMER_CPU_ISA=scalar environment variable (read once at start-up).
 CpuIsa active_cpu_isa();
 
-// Force an implementation ("scalar", "avx2", "avxvnni" or "auto"); returns false if the name is
+// Force an implementation ("scalar", "avx2", "avxvnni", "avx512vnni" or "auto"); false if the name is
 // unknown or the CPU lacks the ISA.
 bool set_cpu_isa(const char* name);
 

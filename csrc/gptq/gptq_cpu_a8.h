@@ -1,5 +1,5 @@
 // gptq_gemm_a8: the GPTQ matmul with activations quantized on the fly to int8 (llama.cpp-style), so
-// the inner loop is an integer dot product (AVX2 vpmaddubsw, or AVX-VNNI vpdpbusd) instead of
+// the inner loop is an integer dot product (AVX2 vpmaddubsw, AVX-VNNI or AVX-512 VNNI vpdpbusd) instead of
 // unpack + convert + FMA. Opt-in: it trades exactness for speed (see the quantization rule below).
 //
 // Rule (defines the op; python/slimformer/gptq/reference.py implements it in PyTorch): in kernel k
@@ -52,9 +52,10 @@ void prepare_a8(const float* x, int64_t M, int64_t K, int bits, const Segment* s
 void dequantize_a8(const A8Activations& act, const Segment* segs, int64_t nseg, int64_t K, float* x_hat);
 
 void gemm_a8_scalar(const A8Args& a, int64_t n_begin, int64_t n_end);
-// Same arithmetic; callers check the CPU features (AVX2, resp. AVX-VNNI) first.
+// Same arithmetic; callers check the CPU features (AVX2, AVX-VNNI, resp. AVX-512 VNNI) first.
 void gemm_a8_avx2(const A8Args& a, int64_t n_begin, int64_t n_end);
 void gemm_a8_avxvnni(const A8Args& a, int64_t n_begin, int64_t n_end);
+void gemm_a8_avx512vnni(const A8Args& a, int64_t n_begin, int64_t n_end);
 
 }  // namespace gptq
 }  // namespace slimformer

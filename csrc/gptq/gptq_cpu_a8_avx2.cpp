@@ -16,7 +16,7 @@ struct DotMaddubs {
 
 }  // namespace
 
-void gemm_a8_avx2(const A8Args& a, int64_t n_begin, int64_t n_end) { a8::gemm<DotMaddubs>(a, n_begin, n_end); }
+void gemm_a8_avx2(const A8Args& a, int64_t n_begin, int64_t n_end) { a8::gemm<a8::Ymm<DotMaddubs>>(a, n_begin, n_end); }
 
 }  // namespace gptq
 }  // namespace slimformer

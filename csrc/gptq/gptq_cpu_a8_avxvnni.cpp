@@ -12,7 +12,7 @@ struct DotVnni {
 
 }  // namespace
 
-void gemm_a8_avxvnni(const A8Args& a, int64_t n_begin, int64_t n_end) { a8::gemm<DotVnni>(a, n_begin, n_end); }
+void gemm_a8_avxvnni(const A8Args& a, int64_t n_begin, int64_t n_end) { a8::gemm<a8::Ymm<DotVnni>>(a, n_begin, n_end); }
 
 }  // namespace gptq
 }  // namespace slimformer

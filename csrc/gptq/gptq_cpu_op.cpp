@@ -20,8 +20,8 @@ namespace {
 // large-batch path dequantizes L2-resident tiles in registers and multiplies. Measured on the
 // dev machine (Zen 4, 2 threads, 4096x11008 int4 g128) it beat dequantizing 64-column fp32 tiles
 // and calling MKL's sgemm at every batch size (M=16: 7.6 vs 15.0 ms, M=256: 110 vs 117 ms).
-// Threads get equal contiguous column ranges in units of the kernel's 16-column tile.
-constexpr int64_t kColumnUnit = 16;
+// Threads get equal contiguous column ranges in units of the widest register tile (32 columns).
+constexpr int64_t kColumnUnit = 32;
 constexpr int64_t kMinUnitsPerThread = 4;
 
 void check_g_idx_range(const at::Tensor& g_idx, int64_t G) {
@@ -104,7 +104,7 @@ void gemm_int8_activations(const Weights& w, const std::vector<Segment>& segs, c
   A8Activations act;
   prepare_a8(x, M, w.K, w.bits, segs.data(), nseg, act);
   const CpuIsa isa = active_cpu_isa();
-  const bool vnni = isa >= CpuIsa::kAvxVnni;
+  const bool vnni = isa >= CpuIsa::kAvxVnni;  // vpdpbusd: 256-bit, or 512-bit at kAvx512Vnni
   // The SIMD integer kernels need byte-aligned values (no 3-bit) and, without VNNI, 2 or 4 bits
   // (vpmaddubsw's int16 sums would saturate with 8-bit weights). Otherwise the same quantized
   // activations go through the float kernel: identical semantics, no integer speed-up.
@@ -114,6 +114,8 @@ void gemm_int8_activations(const Weights& w, const std::vector<Segment>& segs, c
     parallel_columns(w.N, [&](int64_t n0, int64_t n1) {
       if (!simd) {
         gemm_a8_scalar(args, n0, n1);
+      } else if (isa >= CpuIsa::kAvx512Vnni) {
+        gemm_a8_avx512vnni(args, n0, n1);
       } else if (vnni) {
         gemm_a8_avxvnni(args, n0, n1);
       } else {

@@ -18,6 +18,7 @@ def build_info() -> dict:
         "cpu kernels compiled": ", ".join(_C.compiled_cpu_isas),
         "cpu supports avx2+fma+f16c": _C.cpu_supports_avx2(),
         "cpu supports avx-vnni": _C.cpu_supports_avxvnni(),
+        "cpu supports avx-512 vnni": _C.cpu_supports_avx512vnni(),
         "cpu kernel in use": _C.active_cpu_isa(),
         "cuda kernels compiled": bool(_C.has_cuda_kernels),
         "cuda archs": _C.cuda_archs or "-",
