@@ -17,6 +17,9 @@ from slimformer import _C
 from slimformer.gptq import dequantize_reference, gptq_linear_reference, pack_rows
 from slimformer.ops import gptq_dequantize, gptq_gemm
 
+# The float kernel has three implementations: scalar, AVX2 (256-bit) and AVX-512 (level avx512vnni).
+FLOAT_KERNEL_ISAS = ["scalar", "avx2", "avx512vnni"]
+
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 TOL = {F32: 1e-5, F16: 1e-2, BF16: 1e-2}
 
@@ -79,7 +82,7 @@ def _random_x(lead, K, dtype):
     return torch.randn(*lead, K).to(dtype)
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2"], indirect=True)
+@pytest.mark.parametrize("isa", FLOAT_KERNEL_ISAS, indirect=True)
 @pytest.mark.parametrize("c", CASES)
 def test_gemm_matches_fp64_reference(c, isa, make_gptq, helpers):
     d = make_gptq(c["K"], c["N"], c["bits"], c["gs"], act_order=c["act"], sym=c["sym"], zero_offset=c["off"],
@@ -116,7 +119,7 @@ def test_gemm_row_pass_boundaries(M, bits, make_gptq, helpers):
     assert helpers.rel_err(y, helpers.reference_gemm(x, d)) <= 1e-5
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2"], indirect=True)
+@pytest.mark.parametrize("isa", FLOAT_KERNEL_ISAS, indirect=True)
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("M", [2, 40])
 def test_gemm_arbitrary_g_idx(bits, M, isa, make_gptq, helpers):
@@ -188,7 +191,7 @@ def test_torch_ops_schema_call_order(make_gptq, helpers):
 
 # -- dequantize -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2"], indirect=True)
+@pytest.mark.parametrize("isa", FLOAT_KERNEL_ISAS, indirect=True)
 @pytest.mark.parametrize("bits,K,N,gs,act,off,sdt", [
     (2, 80, 24, 32, False, 1, F16),
     (3, 288, 33, 64, True, 0, F16),
@@ -227,12 +230,16 @@ def test_scalar_avx2_parity(bits, K, N, gs, act, sdt, M, isa, make_gptq, helpers
     d = make_gptq(K, N, bits, gs, act_order=act, scale_dtype=sdt, bias_dtype=F32)
     x = torch.randn(M, K)
     outs = {}
-    for name in ("scalar", "avx2"):
+    for name in FLOAT_KERNEL_ISAS:
+        if name == "avx512vnni" and not _C.cpu_supports_avx512vnni():
+            continue
         isa(name)
         outs[name] = gptq_gemm(x, d.qweight, d.qzeros, d.scales, d.g_idx, bits, 1, bias=d.bias)
         outs[name + "_w"] = gptq_dequantize(d.qweight, d.qzeros, d.scales, d.g_idx, bits, 1)
-    assert helpers.rel_err(outs["avx2"], outs["scalar"]) <= 1e-6
-    assert torch.equal(outs["avx2_w"], outs["scalar_w"])
+    for name in FLOAT_KERNEL_ISAS[1:]:
+        if name in outs:
+            assert helpers.rel_err(outs[name], outs["scalar"]) <= 1e-6, name
+            assert torch.equal(outs[name + "_w"], outs["scalar_w"]), name
 
 
 @pytest.mark.parametrize("M", [1, 3, 13])

@@ -53,6 +53,8 @@ void dequantize_avx2(const Weights& w, int64_t k_begin, int64_t k_end, int64_t n
 // prescaled by this function (exact: powers of two). xsum stays the sum of the unscaled x.
 void prescale_x_avx2(int bits, const float* x, int64_t M, int64_t K, float* out);
 void gemm_avx2(const GemmArgs& a, int64_t n_begin, int64_t n_end);
+// The same kernel at 512 bits (x prescaled as for AVX2); callers check AVX-512 first.
+void gemm_avx512(const GemmArgs& a, int64_t n_begin, int64_t n_end);
 
 }  // namespace gptq
 }  // namespace slimformer

@@ -1,5 +1,6 @@
 // gptq_gemm_a8 with AVX2 integer dot products (compiled with -mavx2 -mfma -mf16c).
 #include "gptq/gptq_cpu_a8_simd.h"
+#include "gptq/gptq_cpu_vec256.h"
 
 namespace slimformer {
 namespace gptq {
@@ -16,7 +17,7 @@ struct DotMaddubs {
 
 }  // namespace
 
-void gemm_a8_avx2(const A8Args& a, int64_t n_begin, int64_t n_end) { a8::gemm<a8::Ymm<DotMaddubs>>(a, n_begin, n_end); }
+void gemm_a8_avx2(const A8Args& a, int64_t n_begin, int64_t n_end) { a8::gemm<Ymm<DotMaddubs>>(a, n_begin, n_end); }
 
 }  // namespace gptq
 }  // namespace slimformer

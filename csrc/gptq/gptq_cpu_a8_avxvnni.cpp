@@ -1,6 +1,7 @@
 // gptq_gemm_a8 with AVX-VNNI (compiled with -mavx2 -mfma -mf16c -mavxvnni): one vpdpbusd per
 // 4 weights x 4 activations per column, accumulated in int32 without intermediate saturation.
 #include "gptq/gptq_cpu_a8_simd.h"
+#include "gptq/gptq_cpu_vec256.h"
 
 namespace slimformer {
 namespace gptq {
@@ -12,7 +13,7 @@ struct DotVnni {
 
 }  // namespace
 
-void gemm_a8_avxvnni(const A8Args& a, int64_t n_begin, int64_t n_end) { a8::gemm<a8::Ymm<DotVnni>>(a, n_begin, n_end); }
+void gemm_a8_avxvnni(const A8Args& a, int64_t n_begin, int64_t n_end) { a8::gemm<Ymm<DotVnni>>(a, n_begin, n_end); }
 
 }  // namespace gptq
 }  // namespace slimformer

@@ -21,24 +21,9 @@ namespace a8 {
 
 constexpr int kBlockMultiPass = 128;  // with several passes: keep the block's weights in L2
 
-// 256-bit integer vectors; Dot supplies acc += 4-byte u8 x s8 dot products per int32 lane.
-template <class Dot>
-struct Ymm {
-  using I = __m256i;
-  static constexpr int kLanes = 8;
-  static constexpr int kMaxRows = 4;  // 8 accumulators + 5 working registers of 16
-  static I load(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-  static I shift_right(I v, int n) { return _mm256_srl_epi32(v, _mm_cvtsi32_si128(n)); }
-  static I and_(I a, I b) { return _mm256_and_si256(a, b); }
-  static I add(I a, I b) { return _mm256_add_epi32(a, b); }
-  static I set1(int32_t v) { return _mm256_set1_epi32(v); }
-  static I zero() { return _mm256_setzero_si256(); }
-  static I dot(I acc, I a, I b) { return Dot::dot(acc, a, b); }
-  // out[0:kLanes] += float(sum) * dx
-  static void scale_add(float* out, I sum, float dx) {
-    _mm256_store_ps(out, _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(dx), _mm256_load_ps(out)));
-  }
-};
+// Rows of x per pass: 2 * rows int32 accumulators + 5 working registers must fit.
+template <class V>
+constexpr int max_rows() { return V::kRegisters == 32 ? 8 : 4; }
 
 template <int BITS>
 constexpr uint32_t byte_mask() {
@@ -126,7 +111,7 @@ void block(const A8Args& a, int64_t m0, int64_t nb0, int ntiles) {
 
 template <class V, int BITS, int MT = 1>
 void rows(const A8Args& a, int64_t m0, int mt, int64_t nb0, int ntiles) {
-  if constexpr (MT < V::kMaxRows) {
+  if constexpr (MT < max_rows<V>()) {
     if (mt > MT) return rows<V, BITS, MT + 1>(a, m0, mt, nb0, ntiles);
   }
   block<V, BITS, MT>(a, m0, nb0, ntiles);
@@ -138,11 +123,11 @@ void gemm(const A8Args& a, int64_t n_begin, int64_t n_end) {
   const int64_t N = a.w.N, M = a.act->M;
   const int64_t n_vec_end = n_begin + (n_end - n_begin) / T * T;
   for (int64_t m = 0; m < M; ++m) std::fill(a.y + m * N + n_begin, a.y + m * N + n_vec_end, 0.f);
-  const int64_t blk = M <= V::kMaxRows ? kStreamColumns : kBlockMultiPass;
+  const int64_t blk = M <= max_rows<V>() ? kStreamColumns : kBlockMultiPass;
   for (int64_t nb0 = n_begin; nb0 < n_vec_end; nb0 += blk) {
     const int ntiles = static_cast<int>(std::min<int64_t>(blk, n_vec_end - nb0) / T);
-    for (int64_t m0 = 0; m0 < M; m0 += V::kMaxRows) {
-      const int mt = static_cast<int>(std::min<int64_t>(V::kMaxRows, M - m0));
+    for (int64_t m0 = 0; m0 < M; m0 += max_rows<V>()) {
+      const int mt = static_cast<int>(std::min<int64_t>(max_rows<V>(), M - m0));
       switch (a.w.bits) {
         case 2: rows<V, 2>(a, m0, mt, nb0, ntiles); break;
         case 4: rows<V, 4>(a, m0, mt, nb0, ntiles); break;

@@ -89,8 +89,11 @@ void gemm_float(const Weights& w, const std::vector<Segment>& segs, const float*
     prescale_x_avx2(w.bits, x, M, K, x_prescaled.data());
   }
   const GemmArgs args{w, x, x_prescaled.data(), xsum.data(), segs.data(), nseg, M, y};
+  const bool avx512 = active_cpu_isa() >= CpuIsa::kAvx512Vnni;
   parallel_columns(w.N, [&](int64_t n0, int64_t n1) {
-    if (avx2) {
+    if (avx512) {
+      gemm_avx512(args, n0, n1);
+    } else if (avx2) {
       gemm_avx2(args, n0, n1);
     } else {
       gemm_scalar(args, n0, n1);

@@ -11,7 +11,6 @@
 namespace slimformer {
 namespace gptq {
 
-constexpr int kTile = 16;  // columns per register tile: two ymm of 8 int32 words
 
 // Columns per block with one pass of rows: each packed row is read in runs of 4 KiB while the
 // block's fp32 accumulators (up to 6 rows x 1024 columns) stay in L1/L2.
