@@ -19,7 +19,8 @@ void prescale(const float* x, int64_t M, int64_t K, float* out) {
   constexpr int VPU = vpu(BITS);
   float factor[VPU];
   for (int j = 0; j < VPU; ++j) factor[j] = 1.0f / static_cast<float>(1u << fp::fold_shift(BITS, j));
-  for (int64_t i = 0; i < M * K; ++i) out[i] = x[i] * factor[(i % K) % VPU];
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) out[m * K + k] = x[m * K + k] * factor[k % VPU];
 }
 
 }  // namespace

@@ -54,11 +54,19 @@ inline __m256 load_scales8(const Weights& w, int64_t g, int64_t n) {
   }
 }
 
+// Zero points of columns n .. n+7 (n a multiple of 8) of group g, plus zero_offset. Their 8*bits
+// bits start at bit bits*n of the qzeros row, at most 24 bits into a word, so one 64-bit window
+// holds them all.
 inline __m256 load_zeros8(const Weights& w, int64_t g, int64_t n) {
-  alignas(32) float z[8];
   const int32_t* row = w.qzeros + g * w.zeros_stride;
-  for (int i = 0; i < 8; ++i) z[i] = zero_point(row, n + i, w.bits, w.zero_offset);
-  return _mm256_load_ps(z);
+  const int64_t bit = static_cast<int64_t>(w.bits) * n, word = bit >> 5;
+  uint64_t window = static_cast<uint32_t>(row[word]);
+  if (word + 1 < w.zeros_stride) window |= static_cast<uint64_t>(static_cast<uint32_t>(row[word + 1])) << 32;
+  window >>= bit & 31;
+  const uint64_t mask = value_mask(w.bits);
+  alignas(32) int32_t z[8];
+  for (int i = 0; i < 8; ++i) z[i] = static_cast<int32_t>((window >> (w.bits * i)) & mask) + w.zero_offset;
+  return _mm256_cvtepi32_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(z)));
 }
 
 }  // namespace gptq
