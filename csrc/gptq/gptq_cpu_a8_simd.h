@@ -94,18 +94,7 @@ void block(const A8Args& a, int64_t m0, int64_t nb0, int ntiles) {
         }
       }
     }
-    // Fold scale and zero point: y += s * (acc - z * sum(x_hat over segment)).
-    for (int64_t c = 0; c < ld; c += 8) {
-      const int64_t n = nb0 + c;
-      const __m256 sv = load_scales8(w, seg.group, n);
-      const __m256 zv = load_zeros8(w, seg.group, n);
-      for (int m = 0; m < MT; ++m) {
-        float* y = a.y + (m0 + m) * N + n;
-        const __m256 xs = _mm256_set1_ps(act.xsum[(m0 + m) * a.nseg + s]);
-        const __m256 t = _mm256_fnmadd_ps(zv, xs, _mm256_load_ps(acc_buf + m * ld + c));
-        _mm256_storeu_ps(y, _mm256_fmadd_ps(sv, t, _mm256_loadu_ps(y)));
-      }
-    }
+    fold_segment(w, seg.group, acc_buf, ld, MT, act.xsum.data() + m0 * a.nseg + s, a.nseg, a.y + m0 * N, nb0);
   }
 }
 

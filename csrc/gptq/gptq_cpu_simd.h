@@ -69,5 +69,23 @@ inline __m256 load_zeros8(const Weights& w, int64_t g, int64_t n) {
   return _mm256_cvtepi32_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(z)));
 }
 
+// End of a segment (group g) for the block of columns [n0, n0 + ld) (ld a multiple of 8) and
+// `rows` rows of x: y[m, n] += s[g, n] * (acc[m, n - n0] - z[g, n] * xsum[m * xsum_stride]), acc
+// rows ld apart (32-byte aligned), y rows w.N apart. The zero point enters once per group,
+// through the sum of x over the segment.
+inline void fold_segment(const Weights& w, int64_t g, const float* acc, int64_t ld, int rows,
+                         const float* xsum, int64_t xsum_stride, float* y, int64_t n0) {
+  for (int64_t c = 0; c < ld; c += 8) {
+    const __m256 sv = load_scales8(w, g, n0 + c);
+    const __m256 zv = load_zeros8(w, g, n0 + c);
+    for (int m = 0; m < rows; ++m) {
+      float* out = y + m * w.N + n0 + c;
+      const __m256 xs = _mm256_set1_ps(xsum[m * xsum_stride]);
+      const __m256 t = _mm256_fnmadd_ps(zv, xs, _mm256_load_ps(acc + m * ld + c));
+      _mm256_storeu_ps(out, _mm256_fmadd_ps(sv, t, _mm256_loadu_ps(out)));
+    }
+  }
+}
+
 }  // namespace gptq
 }  // namespace slimformer
