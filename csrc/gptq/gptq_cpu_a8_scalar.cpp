@@ -11,6 +11,14 @@ namespace {
 
 int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Round half to even for |v| < 2^22, like nearbyint in the default FP mode but inlined: adding
+// 1.5 * 2^23 pushes the fraction bits out of the mantissa, and IEEE addition rounds to even.
+// (No -ffast-math anywhere in the build, so the compiler keeps the two operations.)
+inline float round_half_even(float v) {
+  constexpr float kMagic = 12582912.f;
+  return (v + kMagic) - kMagic;
+}
+
 }  // namespace
 
 bool a8_supported_bits(int bits) { return bits == 2 || bits == 4 || bits == 8; }
@@ -48,7 +56,7 @@ void prepare_a8(const float* x, int64_t M, int64_t K, int bits, const Segment* s
         const float inv = amax > 0.f ? 127.f / amax : 0.f;
         int64_t isum = 0;
         for (int64_t k = k0; k < k1; ++k) {
-          const float r = std::nearbyint(xr[k] * inv);  // round half to even (default FP mode)
+          const float r = round_half_even(xr[k] * inv);  // |r| <= 127.5
           qr[k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, r)));
           isum += qr[k];
         }
