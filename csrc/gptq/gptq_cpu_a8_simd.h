@@ -19,7 +19,6 @@ namespace slimformer {
 namespace gptq {
 namespace a8 {
 
-constexpr int kBlockMultiPass = 128;  // with several passes: keep the block's weights in L2
 
 // Rows of x per pass: 2 * rows int32 accumulators + 5 working registers must fit.
 template <class V>
@@ -108,22 +107,14 @@ void rows(const A8Args& a, int64_t m0, int mt, int64_t nb0, int ntiles) {
 
 template <class V>
 void gemm(const A8Args& a, int64_t n_begin, int64_t n_end) {
-  constexpr int T = 2 * V::kLanes;
-  const int64_t N = a.w.N, M = a.act->M;
-  const int64_t n_vec_end = n_begin + (n_end - n_begin) / T * T;
-  for (int64_t m = 0; m < M; ++m) std::fill(a.y + m * N + n_begin, a.y + m * N + n_vec_end, 0.f);
-  const int64_t blk = M <= max_rows<V>() ? kStreamColumns : kBlockMultiPass;
-  for (int64_t nb0 = n_begin; nb0 < n_vec_end; nb0 += blk) {
-    const int ntiles = static_cast<int>(std::min<int64_t>(blk, n_vec_end - nb0) / T);
-    for (int64_t m0 = 0; m0 < M; m0 += max_rows<V>()) {
-      const int mt = static_cast<int>(std::min<int64_t>(max_rows<V>(), M - m0));
-      switch (a.w.bits) {
-        case 2: rows<V, 2>(a, m0, mt, nb0, ntiles); break;
-        case 4: rows<V, 4>(a, m0, mt, nb0, ntiles); break;
-        default: rows<V, 8>(a, m0, mt, nb0, ntiles); break;
-      }
-    }
-  }
+  const int64_t n_vec_end = for_each_pass<2 * V::kLanes, max_rows<V>()>(
+      a.act->M, a.w.N, a.y, n_begin, n_end, [&](int64_t m0, int mt, int64_t nb0, int ntiles) {
+        switch (a.w.bits) {
+          case 2: return rows<V, 2>(a, m0, mt, nb0, ntiles);
+          case 4: return rows<V, 4>(a, m0, mt, nb0, ntiles);
+          default: return rows<V, 8>(a, m0, mt, nb0, ntiles);
+        }
+      });
   if (n_vec_end < n_end) gemm_a8_scalar(a, n_vec_end, n_end);  // < one tile of leftover columns
 }
 

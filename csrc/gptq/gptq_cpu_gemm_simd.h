@@ -21,10 +21,6 @@ namespace slimformer {
 namespace gptq {
 namespace fp {
 
-// With more rows than one pass takes, each block's packed weights are re-read once per pass:
-// narrower blocks keep them in L2 (128 columns x 4096 k at 4 bits = 256 KiB).
-constexpr int kBlockMultiPass = 128;
-
 // Rows of x per pass: 2 * rows accumulators + 3 working registers must fit the register file.
 template <class V>
 constexpr int max_rows() { return V::kRegisters == 32 ? 8 : 6; }
@@ -148,23 +144,15 @@ void rows(const GemmArgs& a, int64_t m0, int mt, int64_t nb0, int ntiles) {
 
 template <class V>
 void gemm(const GemmArgs& a, int64_t n_begin, int64_t n_end) {
-  constexpr int T = 2 * V::kLanes, R = max_rows<V>();
-  const int64_t N = a.w.N;
-  const int64_t n_vec_end = n_begin + (n_end - n_begin) / T * T;
-  for (int64_t m = 0; m < a.M; ++m) std::fill(a.y + m * N + n_begin, a.y + m * N + n_vec_end, 0.f);
-  const int64_t blk = a.M <= R ? kStreamColumns : kBlockMultiPass;
-  for (int64_t nb0 = n_begin; nb0 < n_vec_end; nb0 += blk) {
-    const int ntiles = static_cast<int>(std::min<int64_t>(blk, n_vec_end - nb0) / T);
-    for (int64_t m0 = 0; m0 < a.M; m0 += R) {
-      const int mt = static_cast<int>(std::min<int64_t>(R, a.M - m0));
-      switch (a.w.bits) {
-        case 2: rows<V, 2>(a, m0, mt, nb0, ntiles); break;
-        case 3: rows<V, 3>(a, m0, mt, nb0, ntiles); break;
-        case 4: rows<V, 4>(a, m0, mt, nb0, ntiles); break;
-        default: rows<V, 8>(a, m0, mt, nb0, ntiles); break;
-      }
-    }
-  }
+  const int64_t n_vec_end = for_each_pass<2 * V::kLanes, max_rows<V>()>(
+      a.M, a.w.N, a.y, n_begin, n_end, [&](int64_t m0, int mt, int64_t nb0, int ntiles) {
+        switch (a.w.bits) {
+          case 2: return rows<V, 2>(a, m0, mt, nb0, ntiles);
+          case 3: return rows<V, 3>(a, m0, mt, nb0, ntiles);
+          case 4: return rows<V, 4>(a, m0, mt, nb0, ntiles);
+          default: return rows<V, 8>(a, m0, mt, nb0, ntiles);
+        }
+      });
   if (n_vec_end < n_end) gemm_scalar(a, n_vec_end, n_end);  // < one tile of leftover columns
 }
 

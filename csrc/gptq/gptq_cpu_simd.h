@@ -3,6 +3,7 @@
 #pragma once
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <memory>
 
@@ -15,6 +16,9 @@ namespace gptq {
 // Columns per block with one pass of rows: each packed row is read in runs of 4 KiB while the
 // block's fp32 accumulators (up to 6 rows x 1024 columns) stay in L1/L2.
 constexpr int64_t kStreamColumns = 1024;
+// With several passes of rows, each block's packed weights are re-read once per pass: narrower
+// blocks keep them in L2 (128 columns x 4096 k at 4 bits = 256 KiB).
+constexpr int64_t kBlockMultiPass = 128;
 // Units (packed rows) ahead to prefetch: the hardware prefetchers do not follow runs of a few KiB
 // that are N*4 bytes apart, so the kernels ask for the next rows of their block themselves.
 constexpr int kPrefetchUnits = 16;
@@ -85,6 +89,21 @@ inline void fold_segment(const Weights& w, int64_t g, const float* acc, int64_t 
       _mm256_storeu_ps(out, _mm256_fmadd_ps(sv, t, _mm256_loadu_ps(out)));
     }
   }
+}
+
+// The blocking shared by the SIMD kernels: zeroes y[:, n_begin:n_vec_end) and calls
+// pass(m0, rows, nb0, ntiles) for column blocks of whole T-column tiles and passes of up to R rows.
+// Returns n_vec_end; the caller's scalar kernel takes the (< T) columns after it.
+template <int T, int R, class Pass>
+int64_t for_each_pass(int64_t M, int64_t N, float* y, int64_t n_begin, int64_t n_end, const Pass& pass) {
+  const int64_t n_vec_end = n_begin + (n_end - n_begin) / T * T;
+  for (int64_t m = 0; m < M; ++m) std::fill(y + m * N + n_begin, y + m * N + n_vec_end, 0.f);
+  const int64_t blk = M <= R ? kStreamColumns : kBlockMultiPass;
+  for (int64_t nb0 = n_begin; nb0 < n_vec_end; nb0 += blk) {
+    const int ntiles = static_cast<int>(std::min<int64_t>(blk, n_vec_end - nb0) / T);
+    for (int64_t m0 = 0; m0 < M; m0 += R) pass(m0, static_cast<int>(std::min<int64_t>(R, M - m0)), nb0, ntiles);
+  }
+  return n_vec_end;
 }
 
 }  // namespace gptq
