@@ -15,11 +15,12 @@ namespace slimformer {
 namespace gptq {
 namespace {
 
-// One kernel serves every batch size. Rows go through it in passes of up to 6; with several
-// passes it narrows its column blocks so their packed weights stay in L2 between passes, i.e. the
-// large-batch path dequantizes L2-resident tiles in registers and multiplies. Measured on the
-// dev machine (Zen 4, 2 threads, 4096x11008 int4 g128) it beat dequantizing 64-column fp32 tiles
-// and calling MKL's sgemm at every batch size (M=16: 7.6 vs 15.0 ms, M=256: 110 vs 117 ms).
+// One kernel serves every batch size. Rows go through it in passes of up to 6 (AVX2) or 8
+// (AVX-512); with several passes it narrows its column blocks so their packed weights stay in L2
+// between passes, i.e. the large-batch path dequantizes L2-resident tiles in registers and
+// multiplies. Measured on the dev machine (2-vCPU Zen 5 VM, 4096x11008 int4 g128, the AVX2 kernel)
+// it beat dequantizing 64-column fp32 tiles and calling MKL's sgemm at every batch size (M=16:
+// 7.6 vs 15.0 ms, M=256: 110 vs 117 ms), so that path was removed.
 // Threads get equal contiguous column ranges in units of the widest register tile (32 columns).
 constexpr int64_t kColumnUnit = 32;
 constexpr int64_t kMinUnitsPerThread = 4;
