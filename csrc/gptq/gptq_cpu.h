@@ -34,7 +34,7 @@ struct Weights {
 struct GemmArgs {
   Weights w;
   const float* x;     // [M, K] contiguous
-  const float* x_prescaled;  // [M, K]: x through prescale_x_avx2 (AVX2 path only)
+  const float* x_prescaled;  // [M, K]: x through prescale_x_avx2 (SIMD paths only)
   const float* xsum;  // [M, nseg]: sum of x[m, k] over each segment
   const Segment* segs;
   int64_t nseg, M;
@@ -50,7 +50,8 @@ void gemm_scalar(const GemmArgs& a, int64_t n_begin, int64_t n_end);
 void dequantize_avx2(const Weights& w, int64_t k_begin, int64_t k_end, int64_t n_begin,
                      int64_t n_end, float* out, int64_t ld);
 // gemm_avx2 reads some packed values in place (scaled by a power of two); its x must be
-// prescaled by this function (exact: powers of two). xsum stays the sum of the unscaled x.
+// prescaled by this function (powers of two down to 2^-28: exact unless |x| < ~1e-29, where the
+// scaled value turns subnormal). xsum stays the sum of the unscaled x.
 void prescale_x_avx2(int bits, const float* x, int64_t M, int64_t K, float* out);
 void gemm_avx2(const GemmArgs& a, int64_t n_begin, int64_t n_end);
 // The same kernel at 512 bits (x prescaled as for AVX2); callers check AVX-512 first.

@@ -1,4 +1,9 @@
-// gptq_gemm_a8 with AVX2 integer dot products (compiled with -mavx2 -mfma -mf16c).
+// gptq_gemm_a8 with AVX2 integer dot products, compiled for AVX2 + FMA + F16C inside the region
+// below (see gptq_cpu_simd_prelude.h).
+#include "gptq/gptq_cpu_simd_prelude.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
 #include "gptq/gptq_cpu_a8_simd.h"
 #include "gptq/gptq_cpu_vec256.h"
 
@@ -21,3 +26,5 @@ void gemm_a8_avx2(const A8Args& a, int64_t n_begin, int64_t n_end) { a8::gemm<Ym
 
 }  // namespace gptq
 }  // namespace slimformer
+
+#pragma GCC pop_options

@@ -8,15 +8,13 @@
 // scaled by the block's dx every 32 k, and the group's scale and zero point are folded in once
 // per segment as in the float kernel. A register tile is two vectors of columns.
 #pragma once
-#include <immintrin.h>
-
-#include <algorithm>
-
+#include "gptq/gptq_cpu_simd_prelude.h"
 #include "gptq/gptq_cpu_a8.h"
 #include "gptq/gptq_cpu_simd.h"
 
 namespace slimformer {
 namespace gptq {
+namespace {  // internal linkage: see gptq_cpu_simd_prelude.h
 namespace a8 {
 
 
@@ -119,5 +117,6 @@ void gemm(const A8Args& a, int64_t n_begin, int64_t n_end) {
 }
 
 }  // namespace a8
+}  // namespace
 }  // namespace gptq
 }  // namespace slimformer

@@ -1,11 +1,10 @@
-// AVX2 + FMA + F16C CPU kernels (this file alone, with the other *_avx2 files, is compiled with
-// -mavx2 -mfma -mf16c; the adapter only calls in after checking the CPU at run time): the float
-// gptq_gemm kernel at 256 bits, x prescaling, and dequantization.
-#include <immintrin.h>
+// AVX2 + FMA + F16C CPU kernels: the float gptq_gemm kernel at 256 bits, x prescaling, and
+// dequantization. Compiled for that target inside the region below (see gptq_cpu_simd_prelude.h);
+// the adapter only calls in after checking the CPU at run time.
+#include "gptq/gptq_cpu_simd_prelude.h"
 
-#include <algorithm>
-
-#include "gptq/gptq_cpu.h"
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
 #include "gptq/gptq_cpu_gemm_simd.h"
 #include "gptq/gptq_cpu_simd.h"
 #include "gptq/gptq_cpu_vec256.h"
@@ -71,3 +70,5 @@ void dequantize_avx2(const Weights& w, int64_t k_begin, int64_t k_end, int64_t n
 
 }  // namespace gptq
 }  // namespace slimformer
+
+#pragma GCC pop_options

@@ -1,8 +1,12 @@
-// AVX-512 CPU kernels (compiled with -mavx512f -mavx512bw -mavx512vl -mavx512vnni plus the AVX2
-// flags for the shared 256-bit helpers; called only at ISA level avx512vnni): the float gptq_gemm
-// kernel and the int8-activation kernel (512-bit vpdpbusd) at 32 columns per register tile and up
-// to 8 rows per pass. On cores with full-width AVX-512 (Zen 5, Intel server parts) this doubles
-// the throughput of the 256-bit kernels.
+// AVX-512 CPU kernels (compiled for AVX-512 F/BW/VL/VNNI plus AVX2/FMA/F16C for the shared
+// 256-bit helpers, inside the region below: see gptq_cpu_simd_prelude.h; called only at ISA level
+// avx512vnni): the float gptq_gemm kernel and the int8-activation kernel (512-bit vpdpbusd) at
+// 32 columns per register tile and up to 8 rows per pass. On cores with full-width AVX-512 (Zen 5,
+// Intel server parts) this doubles the throughput of the 256-bit kernels.
+#include "gptq/gptq_cpu_simd_prelude.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
 #include "gptq/gptq_cpu_a8_simd.h"
 #include "gptq/gptq_cpu_gemm_simd.h"
 #include "gptq/gptq_cpu_vec512.h"
@@ -16,3 +20,5 @@ void gemm_a8_avx512vnni(const A8Args& a, int64_t n_begin, int64_t n_end) { a8::g
 
 }  // namespace gptq
 }  // namespace slimformer
+
+#pragma GCC pop_options

@@ -9,16 +9,13 @@
 // zero point are applied once per segment (zero folded through the sum of x over the segment).
 // A register tile is two vectors of columns.
 #pragma once
-#include <immintrin.h>
-
-#include <algorithm>
-#include <utility>
-
+#include "gptq/gptq_cpu_simd_prelude.h"
 #include "gptq/gptq_cpu.h"
 #include "gptq/gptq_cpu_simd.h"
 
 namespace slimformer {
 namespace gptq {
+namespace {  // internal linkage: see gptq_cpu_simd_prelude.h
 namespace fp {
 
 // Rows of x per pass: 2 * rows accumulators + 3 working registers must fit the register file.
@@ -53,7 +50,7 @@ inline typename V::I unpack(const int32_t* w, int64_t N) {
 
 // Independent accumulator sets per row and half-tile: an FMA has 4 cycles of latency and two
 // issue ports, so 8 chains in flight are needed to keep the FMA units busy. Rows provide chains
-// for MT >= 4; with fewer rows, consecutive values j rotate through `phases` sets.
+// for MT >= 3; with fewer rows, consecutive values j rotate through `phases` sets.
 constexpr int phases(int mt) { return mt >= 3 ? 1 : 4 / mt; }
 
 template <class V, int BITS, int MT, int J>
@@ -157,5 +154,6 @@ void gemm(const GemmArgs& a, int64_t n_begin, int64_t n_end) {
 }
 
 }  // namespace fp
+}  // namespace
 }  // namespace gptq
 }  // namespace slimformer

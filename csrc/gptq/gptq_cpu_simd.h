@@ -1,20 +1,16 @@
-// AVX2 helpers shared by the CPU kernels; include only from translation units compiled with
-// -mavx2 -mfma -mf16c (see CMakeLists.txt).
+// Helpers shared by the SIMD CPU kernels (256-bit code: every SIMD level includes AVX2). Include
+// only inside a `#pragma GCC target` region, after gptq_cpu_simd_prelude.h; everything here has
+// internal linkage, so each translation unit keeps its own copy compiled for its own target.
 #pragma once
-#include <immintrin.h>
-
-#include <algorithm>
-#include <cstdlib>
-#include <memory>
-
-#include "gptq/gptq_cpu.h"
+#include "gptq/gptq_cpu_simd_prelude.h"
 
 namespace slimformer {
 namespace gptq {
+namespace {
 
 
 // Columns per block with one pass of rows: each packed row is read in runs of 4 KiB while the
-// block's fp32 accumulators (up to 6 rows x 1024 columns) stay in L1/L2.
+// block's fp32 accumulators (up to 8 rows x 1024 columns) stay in L1/L2.
 constexpr int64_t kStreamColumns = 1024;
 // With several passes of rows, each block's packed weights are re-read once per pass: narrower
 // blocks keep them in L2 (128 columns x 4096 k at 4 bits = 256 KiB).
@@ -106,5 +102,6 @@ int64_t for_each_pass(int64_t M, int64_t N, float* y, int64_t n_begin, int64_t n
   return n_vec_end;
 }
 
+}  // namespace
 }  // namespace gptq
 }  // namespace slimformer

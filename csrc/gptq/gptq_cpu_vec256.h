@@ -1,12 +1,11 @@
 // 256-bit vector policy for the width-generic CPU kernels (gptq_cpu_gemm_simd.h,
 // gptq_cpu_a8_simd.h). Include only from translation units compiled with -mavx2 -mfma -mf16c.
 #pragma once
-#include <immintrin.h>
-
-#include <stdint.h>
+#include "gptq/gptq_cpu_simd_prelude.h"
 
 namespace slimformer {
 namespace gptq {
+namespace {  // internal linkage: see gptq_cpu_simd_prelude.h
 
 struct NoDot {};
 
@@ -44,5 +43,6 @@ struct Ymm {
   }
 };
 
+}  // namespace
 }  // namespace gptq
 }  // namespace slimformer

@@ -1,12 +1,11 @@
 // 512-bit vector policy for the width-generic CPU kernels. Include only from translation units
-// compiled with -mavx512f -mavx512bw -mavx512vl -mavx512vnni (and the AVX2 flags).
+// inside a `#pragma GCC target` region with avx512f, avx512bw, avx512vl and avx512vnni.
 #pragma once
-#include <immintrin.h>
-
-#include <stdint.h>
+#include "gptq/gptq_cpu_simd_prelude.h"
 
 namespace slimformer {
 namespace gptq {
+namespace {  // internal linkage: see gptq_cpu_simd_prelude.h
 
 struct Zmm {
   using I = __m512i;
@@ -39,5 +38,6 @@ struct Zmm {
   }
 };
 
+}  // namespace
 }  // namespace gptq
 }  // namespace slimformer
