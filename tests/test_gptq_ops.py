@@ -427,3 +427,35 @@ def test_all_meta_inputs_give_shapes(good):
     assert y.device.type == "meta" and y.shape == (2, 3, 40) and y.dtype == BF16
     w = _deq(meta)
     assert w.device.type == "meta" and w.shape == (128, 40) and w.dtype == good["scales"].dtype
+
+
+def test_isa_switch_from_another_thread_is_safe(make_gptq, isa):
+    """Each call reads the ISA once: toggling it concurrently never mixes two implementations."""
+    import threading
+    import time
+
+    levels = [name for name, ok in [("scalar", True), ("avx2", _C.cpu_supports_avx2()),
+                                    ("avx512vnni", _C.cpu_supports_avx512vnni())] if ok]
+    if len(levels) < 2:
+        pytest.skip("needs two CPU ISA levels")
+    d = make_gptq(64, 64, 4, 64)
+    x = torch.randn(1, 64)
+    ref = None
+    stop = threading.Event()
+
+    def toggle():
+        while not stop.is_set():
+            for name in levels:
+                _C.set_cpu_isa(name)
+
+    thread = threading.Thread(target=toggle)
+    thread.start()
+    deadline = time.monotonic() + 1.0  # a bounded smoke test; before the fix this crashed in ~0.1 s
+    try:
+        while time.monotonic() < deadline:
+            y = gptq_gemm(x, d.qweight, d.qzeros, d.scales, d.g_idx, 4, 1)
+            ref = y if ref is None else ref
+            assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5)
+    finally:
+        stop.set()
+        thread.join()

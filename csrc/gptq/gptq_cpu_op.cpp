@@ -40,11 +40,11 @@ Weights make_weights(const at::Tensor& qweight, const at::Tensor& qzeros, const 
                  static_cast<int>(bits), static_cast<int>(zero_offset)};
 }
 
-bool use_avx2() { return active_cpu_isa() >= CpuIsa::kAvx2; }
-
-void dequantize_tile(const Weights& w, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out,
-                     int64_t ld) {
-  if (use_avx2()) {
+// Each op reads the active ISA once (set_cpu_isa may run concurrently in another thread) and
+// passes it down, so one call never mixes the set-up of one implementation with another's kernel.
+void dequantize_tile(CpuIsa isa, const Weights& w, int64_t k0, int64_t k1, int64_t n0, int64_t n1,
+                     float* out, int64_t ld) {
+  if (isa >= CpuIsa::kAvx2) {
     dequantize_avx2(w, k0, k1, n0, n1, out, ld);
   } else {
     dequantize_scalar(w, k0, k1, n0, n1, out, ld);
@@ -73,7 +73,8 @@ void parallel_columns(int64_t N, const F& kernel) {
   });
 }
 
-void gemm_float(const Weights& w, const std::vector<Segment>& segs, const float* x, int64_t M, float* y) {
+void gemm_float(CpuIsa isa, const Weights& w, const std::vector<Segment>& segs, const float* x, int64_t M,
+                float* y) {
   const int64_t K = w.K, nseg = static_cast<int64_t>(segs.size());
   std::vector<float> xsum(M * nseg);
   for (int64_t m = 0; m < M; ++m) {
@@ -83,14 +84,13 @@ void gemm_float(const Weights& w, const std::vector<Segment>& segs, const float*
       xsum[m * nseg + s] = acc;
     }
   }
-  const bool avx2 = use_avx2();
+  const bool avx2 = isa >= CpuIsa::kAvx2, avx512 = isa >= CpuIsa::kAvx512Vnni;
   std::vector<float> x_prescaled;
   if (avx2) {
     x_prescaled.resize(M * K);
     prescale_x_avx2(w.bits, x, M, K, x_prescaled.data());
   }
   const GemmArgs args{w, x, x_prescaled.data(), xsum.data(), segs.data(), nseg, M, y};
-  const bool avx512 = active_cpu_isa() >= CpuIsa::kAvx512Vnni;
   parallel_columns(w.N, [&](int64_t n0, int64_t n1) {
     if (avx512) {
       gemm_avx512(args, n0, n1);
@@ -102,12 +102,11 @@ void gemm_float(const Weights& w, const std::vector<Segment>& segs, const float*
   });
 }
 
-void gemm_int8_activations(const Weights& w, const std::vector<Segment>& segs, const float* x, int64_t M,
-                           float* y) {
+void gemm_int8_activations(CpuIsa isa, const Weights& w, const std::vector<Segment>& segs, const float* x,
+                           int64_t M, float* y) {
   const int64_t nseg = static_cast<int64_t>(segs.size());
   A8Activations act;
   prepare_a8(x, M, w.K, w.bits, segs.data(), nseg, act);
-  const CpuIsa isa = active_cpu_isa();
   const bool vnni = isa >= CpuIsa::kAvxVnni;  // vpdpbusd: 256-bit, or 512-bit at kAvx512Vnni
   // The SIMD integer kernels need byte-aligned values (no 3-bit) and, without VNNI, 2 or 4 bits
   // (vpmaddubsw's int16 sums would saturate with 8-bit weights). Otherwise the same quantized
@@ -129,7 +128,7 @@ void gemm_int8_activations(const Weights& w, const std::vector<Segment>& segs, c
   } else {
     std::vector<float> x_hat(M * w.K);
     dequantize_a8(act, segs.data(), nseg, w.K, x_hat.data());
-    gemm_float(w, segs, x_hat.data(), M, y);
+    gemm_float(isa, w, segs, x_hat.data(), M, y);
   }
 }
 
@@ -159,7 +158,7 @@ at::Tensor run_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Te
   at::Tensor y = at::empty({M, s.N}, x32.options());
   if (M > 0) {
     const Weights w = make_weights(qw, qz, sc, gi, s, bits, zero_offset);
-    gemm(w, segments_of(w), x32.data_ptr<float>(), M, y.data_ptr<float>());
+    gemm(active_cpu_isa(), w, segments_of(w), x32.data_ptr<float>(), M, y.data_ptr<float>());
   }
   if (bias.has_value()) y.add_(bias->to(at::kFloat));
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
@@ -190,8 +189,9 @@ at::Tensor gptq_dequantize_cpu(const at::Tensor& qweight, const at::Tensor& qzer
   at::Tensor out = at::empty({s.K, s.N}, sc.options().dtype(at::kFloat));
   const Weights w = make_weights(qw, qz, sc, gi, s, bits, zero_offset);
   float* o = out.data_ptr<float>();
+  const CpuIsa isa = active_cpu_isa();
   at::parallel_for(0, s.K, 64, [&](int64_t k0, int64_t k1) {
-    dequantize_tile(w, k0, k1, 0, s.N, o + k0 * s.N, s.N);
+    dequantize_tile(isa, w, k0, k1, 0, s.N, o + k0 * s.N, s.N);
   });
   return out.to(scales.scalar_type());
 }
