@@ -117,3 +117,20 @@ def test_quant_linear_flag(helpers):
     compiled = torch.compile(q, fullgraph=True)
     assert helpers.rel_err(compiled(x), y) <= 1e-6
     assert torch.equal(gptq_gemm(x, q.qweight, q.qzeros, q.scales, q.g_idx, 4, q.zero_offset, q.bias), exact)
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_non_finite_and_tiny_blocks_follow_the_rule(isa, make_gptq):
+    d = make_gptq(128, 48, 4, 64)
+    x = torch.randn(4, 128)
+    x[0, 5] = float("nan")       # block [0, 32) of row 0 is poisoned
+    x[1, 40] = float("inf")      # block [32, 64) of row 1
+    x[2, 64:96] = 1e-38          # 127 / amax overflows: the block counts as zero
+    y = gptq_gemm_a8(x, d.qweight, d.qzeros, d.scales, d.g_idx, 4, 1)
+    ref = gptq_linear_a8_reference(x, d.qweight, d.qzeros, d.scales, d.g_idx, None, 4, 1)
+    assert torch.isnan(y[0]).all() and torch.isnan(y[1]).all()
+    assert torch.isnan(ref[0]).all() and torch.isnan(ref[1]).all()
+    assert torch.isfinite(y[2:]).all()
+    torch.testing.assert_close(y[2:].double(), ref[2:], rtol=1e-5, atol=1e-5)
+    x_hat = quantize_activations_a8(x, d.g_idx)
+    assert torch.equal(x_hat[2, 64:96], torch.zeros(32, dtype=torch.float64))

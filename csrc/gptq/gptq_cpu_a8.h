@@ -4,9 +4,10 @@
 //
 // Rule (defines the op; python/slimformer/gptq/reference.py implements it in PyTorch): in kernel k
 // order, each row of x is cut into blocks = [32b, 32b + 32) intersected with a segment (a run of
-// equal g_idx). Per block, amax = max |x|; xq = round_half_even(x * (127 / amax)) in fp32 (0 when
-// amax = 0) and dx = amax / 127. The op returns x_hat @ W (+ bias) with x_hat = dx * xq: integer
-// dot products per block, exact, then scaled. The integer kernels take bits 2, 4 and 8 (3-bit values
+// equal g_idx). Per block, amax = max |x|; xq = round_half_even(x * (127 / amax)) in fp32 and
+// dx = amax / 127. Edge cases: amax = 0, or 127 / amax overflowing (|x| < ~4e-37), gives xq = 0 and
+// dx = 0; a NaN or inf in the block gives dx = NaN (the block's contribution is NaN). The op returns
+// x_hat @ W (+ bias) with x_hat = dx * xq: integer dot products per block, exact, then scaled. The integer kernels take bits 2, 4 and 8 (3-bit values
 // straddle bytes); 3-bit weights run the same rule through the float kernel.
 #pragma once
 #include <stdint.h>

@@ -2,6 +2,7 @@
 // reference of the SIMD kernels). The rule is documented in gptq_cpu_a8.h.
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "gptq/gptq_cpu_a8.h"
 
@@ -51,16 +52,23 @@ void prepare_a8(const float* x, int64_t M, int64_t K, int bits, const Segment* s
       float xsum = 0.f;
       for (int64_t b = b_first; b * kA8Block < seg.k_end; ++b) {
         const int64_t k0 = std::max(b * kA8Block, seg.k_begin), k1 = std::min((b + 1) * kA8Block, seg.k_end);
+        // NaN-propagating max: a NaN or inf anywhere poisons the block (below).
         float amax = 0.f;
-        for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(xr[k]));
-        const float inv = amax > 0.f ? 127.f / amax : 0.f;
+        for (int64_t k = k0; k < k1; ++k) {
+          const float v = std::fabs(xr[k]);
+          if (!(v <= amax) && amax == amax) amax = v;
+        }
+        const float inv = 127.f / amax;
+        const bool finite = std::isfinite(amax);
+        const bool quantize = finite && amax > 0.f && std::isfinite(inv);  // else all of xq is 0
         int64_t isum = 0;
         for (int64_t k = k0; k < k1; ++k) {
-          const float r = round_half_even(xr[k] * inv);  // |r| <= 127.5
+          const float r = quantize ? round_half_even(xr[k] * inv) : 0.f;  // |r| <= 127.5
           qr[k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, r)));
           isum += qr[k];
         }
-        const float dx = amax / 127.f;
+        // Non-finite input: dx = NaN makes the block's contribution NaN, as in x_hat @ W.
+        const float dx = !finite ? std::numeric_limits<float>::quiet_NaN() : (quantize ? amax / 127.f : 0.f);
         out.dx[m * out.block_slots + out.seg_block_slot[s] + (b - b_first)] = dx;
         xsum += dx * static_cast<float>(isum);
       }

@@ -33,7 +33,8 @@ def quantize_activations_a8(x: torch.Tensor, g_idx: torch.Tensor) -> torch.Tenso
     """x_hat of gptq_gemm_a8 for x (..., in) already in kernel order (perm applied), in fp64.
 
     Blocks are [32b, 32b + 32) intersected with runs of equal g_idx; per block and row,
-    xq = round_half_even(x * (127 / amax)) computed in fp32, x_hat = (amax / 127) * xq.
+    xq = round_half_even(x * (127 / amax)) computed in fp32, x_hat = (amax / 127) * xq. A block
+    with amax = 0 or 127 / amax overflowing is all zeros; a block holding NaN or inf is all NaN.
     """
     k = g_idx.shape[0]
     x32 = x.reshape(-1, k).to(torch.float32)
@@ -44,11 +45,14 @@ def quantize_activations_a8(x: torch.Tensor, g_idx: torch.Tensor) -> torch.Tenso
     block = torch.cumsum(new_block.to(torch.int64), 0) - 1
     index = block.expand_as(x32)
     amax = torch.zeros(x32.shape[0], int(block[-1]) + 1, dtype=torch.float32, device=x.device)
-    amax = amax.scatter_reduce(1, index, x32.abs(), "amax", include_self=True)
+    amax = amax.scatter_reduce(1, index, x32.abs(), "amax", include_self=True)  # propagates NaN
     a = amax.gather(1, index)
-    inv = torch.where(a > 0, torch.tensor(127.0, dtype=torch.float32) / a, torch.zeros_like(a))
-    xq = torch.round(x32 * inv).clamp_(-127, 127)
-    x_hat = (a / 127.0).to(torch.float64) * xq.to(torch.float64)
+    inv = torch.tensor(127.0, dtype=torch.float32) / a
+    finite = torch.isfinite(a)
+    quantize = finite & (a > 0) & torch.isfinite(inv)
+    xq = torch.where(quantize, torch.round(x32 * inv).clamp(-127, 127), torch.zeros_like(x32))
+    dx = torch.where(finite, torch.where(quantize, a / 127.0, torch.zeros_like(a)), torch.full_like(a, float("nan")))
+    x_hat = dx.to(torch.float64) * xq.to(torch.float64)
     return x_hat.reshape(x.shape)
 
 
