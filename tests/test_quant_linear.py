@@ -355,3 +355,21 @@ def test_forward_bad_x():
         m(torch.randn(2, 63))
     with pytest.raises((ValueError, RuntimeError), match="x must be float32, float16 or bfloat16"):
         m(torch.ones(2, 64, dtype=torch.int64))
+
+
+def test_from_linear_rtn_handles_one_signed_groups_and_zero_rows():
+    """Default RTN grid: a group with no negative weight (zero point 0, which v1 cannot store) and
+    an all-zero output row both quantize, in both checkpoint formats."""
+    lin = torch.nn.Linear(64, 16)
+    with torch.no_grad():
+        lin.weight[2, :32] = lin.weight[2, :32].abs()
+        lin.weight[3].zero_()
+    x = torch.randn(4, 64)
+    for fmt in ("gptq", "gptq_v2"):
+        for sym in (False, True):
+            q = QuantLinear.from_linear(lin, 4, 32, checkpoint_format=fmt, sym=sym)
+            assert (q.scales > 0).all()
+            y = q(x)
+            assert torch.isfinite(y).all()
+            err = (y - lin(x)).norm() / lin(x).norm()
+            assert err < 0.2, (fmt, sym, float(err))

@@ -90,7 +90,7 @@ class QuantLinear(nn.Module):
             g_idx = mod.g_idx
         g_idx = g_idx.to(device=w.device, dtype=torch.int32)
         if scales is None or zeros is None:
-            scales, zeros = _minmax_grid(w, g_idx, mod.scales.shape[0], bits, sym)
+            scales, zeros = _minmax_grid(w, g_idx, mod.scales.shape[0], bits, sym, min_zero=mod.zero_offset)
         groups = scales.shape[0]
         if scales.shape != (groups, out_features) or zeros.shape != (groups, out_features):
             raise ValueError(f"scales and zeros must both be (groups, {out_features}), got "
@@ -153,8 +153,13 @@ class QuantLinear(nn.Module):
                 + (", int8_activations=True" if self.int8_activations else ""))
 
 
-def _minmax_grid(w: torch.Tensor, g_idx: torch.Tensor, groups: int, bits: int, sym: bool):
-    """Round-to-nearest grid per (group, output): asymmetric min/max, or symmetric around zero."""
+def _minmax_grid(w: torch.Tensor, g_idx: torch.Tensor, groups: int, bits: int, sym: bool, min_zero: int = 0):
+    """Round-to-nearest grid per (group, output): asymmetric min/max, or symmetric around zero.
+
+    Scales are floored at fp16's smallest normal number (they are stored in fp16; a smaller one
+    would round to 0). Zero points are clamped to [min_zero, 2**bits - 1]: format "gptq" (v1) stores
+    zero - 1 and cannot hold a zero point of 0, so such groups lose their lowest grid step instead.
+    """
     maxq = (1 << bits) - 1
     wt = w.t().to(torch.float32)  # [in, out]
     index = g_idx.long()[:, None].expand_as(wt)
@@ -162,11 +167,12 @@ def _minmax_grid(w: torch.Tensor, g_idx: torch.Tensor, groups: int, bits: int, s
     lo = empty.scatter_reduce(0, index, wt, "amin", include_self=False)
     hi = empty.scatter_reduce(0, index, wt, "amax", include_self=False)
     lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    floor = torch.finfo(torch.float16).tiny
     if sym:
         amax = torch.maximum(lo.abs(), hi)
-        scales = (2 * amax / maxq).clamp(min=1e-8)
+        scales = (2 * amax / maxq).clamp(min=floor)
         zeros = torch.full_like(scales, (maxq + 1) // 2)
     else:
-        scales = ((hi - lo) / maxq).clamp(min=1e-8)
-        zeros = torch.round(-lo / scales).clamp(0, maxq)
+        scales = ((hi - lo) / maxq).clamp(min=floor)
+        zeros = torch.round(-lo / scales).clamp(min_zero, maxq)
     return scales, zeros.to(torch.int64)
