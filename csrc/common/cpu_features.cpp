@@ -17,11 +17,22 @@ CpuIsa best_isa() {
   return cpu_supports_avx2() ? CpuIsa::kAvx2 : CpuIsa::kScalar;
 }
 
+// SLIMFORMER_CPU_ISA (scalar, avx2, avxvnni, avx512vnni) caps the level, e.g. to test the AVX2
+// path on an AVX-512 machine; unknown or unsupported values leave the best level.
 CpuIsa initial_isa() {
   const char* env = std::getenv("SLIMFORMER_CPU_ISA");
-  if (env != nullptr && std::strcmp(env, "scalar") == 0) return CpuIsa::kScalar;
-  if (env != nullptr && std::strcmp(env, "avx2") == 0 && cpu_supports_avx2()) return CpuIsa::kAvx2;
-  if (env != nullptr && std::strcmp(env, "avxvnni") == 0 && cpu_supports_avxvnni()) return CpuIsa::kAvxVnni;
+  if (env == nullptr) return best_isa();
+  const struct {
+    const char* name;
+    CpuIsa isa;
+    bool supported;
+  } levels[] = {{"scalar", CpuIsa::kScalar, true},
+                {"avx2", CpuIsa::kAvx2, cpu_supports_avx2()},
+                {"avxvnni", CpuIsa::kAvxVnni, cpu_supports_avxvnni()},
+                {"avx512vnni", CpuIsa::kAvx512Vnni, cpu_supports_avx512vnni()}};
+  for (const auto& level : levels) {
+    if (std::strcmp(env, level.name) == 0 && level.supported) return level.isa;
+  }
   return best_isa();
 }
 

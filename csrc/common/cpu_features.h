@@ -16,7 +16,7 @@ bool cpu_supports_avxvnni();
 bool cpu_supports_avx512vnni();
 
 // The implementation the kernels use now: the best supported one unless forced to scalar by
-// set_cpu_isa() or the SLIMFORMER_CPU_ISA=scalar environment variable (read once at start-up).
+// set_cpu_isa() or capped by the SLIMFORMER_CPU_ISA environment variable (read once at start-up).
 CpuIsa active_cpu_isa();
 
 // Force an implementation ("scalar", "avx2", "avxvnni", "avx512vnni" or "auto"); false if the name is
