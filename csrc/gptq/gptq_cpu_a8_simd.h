@@ -58,8 +58,7 @@ void block(const A8Args& a, int64_t m0, int64_t nb0, int ntiles) {
       for (int t = 0; t < ntiles; ++t) {
         for (int64_t u = u_lo; u < u_hi; ++u) {  // the same words kPrefetchUnits rows ahead
           for (int c = 0; c < T; c += 16)
-            _mm_prefetch(reinterpret_cast<const char*>(w.qweight + (u + kPrefetchUnits) * N + nb0 + t * T + c),
-                         _MM_HINT_T0);
+            prefetch_words(w.qweight, (u + kPrefetchUnits) * N + nb0 + t * T + c);
         }
         I acc[S][MT][2];
         for (int i = 0; i < S; ++i)

@@ -105,11 +105,10 @@ void block(const GemmArgs& a, int64_t m0, int64_t nb0, int ntiles) {
         }
       }
       const int32_t* wu = w.qweight + u * WPU * N + nb0;
-      const int32_t* ahead = wu + kPrefetchUnits * WPU * N;  // prefetches never fault
       for (int t = 0; t < ntiles; ++t) {
         for (int r = 0; r < WPU; ++r)
           for (int c = 0; c < T; c += 16)  // one 64-byte line per 16 columns
-            _mm_prefetch(reinterpret_cast<const char*>(ahead + r * N + t * T + c), _MM_HINT_T0);
+            prefetch_words(wu, (kPrefetchUnits * WPU + r) * N + t * T + c);
         F acc[P][MT][2];
         for (int m = 0; m < MT; ++m) {
           acc[0][m][0] = V::load(acc_buf + m * ld + t * T);

@@ -19,6 +19,13 @@ constexpr int64_t kBlockMultiPass = 128;
 // that are N*4 bytes apart, so the kernels ask for the next rows of their block themselves.
 constexpr int kPrefetchUnits = 16;
 
+// Prefetch the 64-byte line at `words + offset` int32s. The address may lie past the end of the
+// array (prefetches never fault), so it is formed as an integer, not by pointer arithmetic.
+inline void prefetch_words(const int32_t* words, int64_t offset) {
+  const uintptr_t address = reinterpret_cast<uintptr_t>(words) + static_cast<uintptr_t>(offset) * sizeof(int32_t);
+  _mm_prefetch(reinterpret_cast<const char*>(address), _MM_HINT_T0);
+}
+
 // Per-thread scratch for fp32 accumulators, 64-byte aligned, grown on demand and reused.
 inline float* acc_scratch(int64_t floats) {
   struct Free {
