@@ -69,33 +69,3 @@ def _gptq_dequantize_fake(qweight, qzeros, scales, g_idx, bits, zero_offset):
     _check_one_device(qweight, qzeros, scales, g_idx)
     return scales.new_empty((g_idx.shape[0], qweight.shape[1]))
 
-
-# -- autograd: gradients for x and bias (the quantized weights are constants) -----------------
-def _gemm_setup_context(ctx, inputs, output):
-    x, qweight, qzeros, scales, g_idx, perm, bias, bits, zero_offset = inputs
-    ctx.save_for_backward(qweight, qzeros, scales, g_idx, perm)
-    ctx.bits, ctx.zero_offset = bits, zero_offset
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-
-
-def _gemm_backward(ctx, grad):
-    """dx = dy @ W^T (scattered back through perm), dbias = sum of dy over the leading dims.
-
-    For gptq_gemm_a8 this is the straight-through estimator: the rounding of x to int8 is treated
-    as the identity, as in quantization-aware training.
-    """
-    qweight, qzeros, scales, g_idx, perm = ctx.saved_tensors
-    grad_x = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        # fp32 scales give W in fp32 (W in the checkpoint's fp16 would round the gradient).
-        w = _ops.gptq_dequantize(qweight, qzeros, scales.float(), g_idx, ctx.bits, ctx.zero_offset)
-        grad_x = grad @ w.to(grad.dtype).t()
-        if perm is not None:  # y used x[..., perm]: send each column's gradient back to its origin
-            grad_x = torch.zeros_like(grad_x).index_add_(-1, perm.long(), grad_x)
-    if ctx.needs_input_grad[6]:
-        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
-    return grad_x, None, None, None, None, None, grad_bias, None, None
-
-
-for _name in ("slimformer::gptq_gemm", "slimformer::gptq_gemm_a8"):
-    torch.library.register_autograd(_name, _gemm_backward, setup_context=_gemm_setup_context)
