@@ -1,4 +1,5 @@
-"""GPTQ: checkpoint format helpers (packing), pure-PyTorch references, and (later) the quantizer."""
+"""GPTQ: checkpoint format helpers (packing), pure-PyTorch references, and the one-layer solver
+(:mod:`slimformer.gptq.solver`); model-level quantization, save and load come next."""
 from .packing import (
     CHECKPOINT_FORMATS,
     SUPPORTED_BITS,
