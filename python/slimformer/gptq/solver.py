@@ -76,9 +76,10 @@ def round_to_nearest(weight: torch.Tensor, bits: int, group_size: int = 128, sym
     return GridWeights(q, scales, zeros, g_idx)
 
 
-def quantize_layer(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int = 128, sym: bool = True,
-         act_order: bool = False, damp_percent: float = 0.01, static_groups: bool = False,
-         block_size: int = 128, max_damp_retries: int = 6) -> tuple[GridWeights, float]:
+def quantize_layer(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int = 128,
+                   sym: bool = True, act_order: bool = False, damp_percent: float = 0.01,
+                   static_groups: bool = False, block_size: int = 128,
+                   max_damp_retries: int = 6) -> tuple[GridWeights, float]:
     """Quantize weight [out, in] with GPTQ given the input Hessian [in, in] (fp32 on W's device).
 
     Follows the paper's reference: dead inputs (H_ii = 0) get H_ii = 1 and zero weight; damping
