@@ -79,6 +79,11 @@ def unpack_cols(words: torch.Tensor, bits: int, length: int) -> torch.Tensor:
     return unpack_rows(words.t(), bits, length).t().contiguous()
 
 
+def round_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """The integers q of w on the grid scale * (q - zero) (broadcasting; zero points are integers)."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, (1 << bits) - 1)
+
+
 def quantize_to_grid(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
                      bits: int) -> torch.Tensor:
     """Round ``weight`` [out, in] onto the grid ``scales * (q - zeros)``; returns q [in, out] int64.
@@ -89,5 +94,4 @@ def quantize_to_grid(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
     check_bits(bits)
     s = scales.to(torch.float32)[g_idx.long()]  # [in, out]
     z = zeros.to(torch.float32)[g_idx.long()]
-    q = torch.round(weight.t().to(torch.float32) / s + z)
-    return q.clamp_(0, (1 << bits) - 1).to(torch.int64)
+    return round_to_grid(weight.t().to(torch.float32), s, z, bits).to(torch.int64)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .packing import check_bits
+from .packing import check_bits, round_to_grid
 
 
 @dataclass
@@ -37,24 +37,30 @@ class GridWeights:
         return (self.scales[g] * (self.q.to(torch.float32) - self.zeros[g].to(torch.float32))).t()
 
 
-def grid_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min/max grid per row of w [rows, cols] (the range always includes 0): scale, zero [rows]."""
+def minmax_grid(lo: torch.Tensor, hi: torch.Tensor, bits: int, sym: bool,
+                min_zero: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest grid for value ranges [lo, hi] (any shape): scale fp32, zero point int64.
+
+    The range is widened to include 0. Symmetric grids put the zero point mid-range. Scales are
+    floored at fp16's smallest normal number (checkpoints store them in fp16; a smaller one would
+    round to 0). Zero points are clamped to [min_zero, 2**bits - 1]: format "gptq" (v1) stores
+    zero - 1 and cannot hold 0, so such ranges lose their lowest grid step instead.
+    """
     maxq = (1 << bits) - 1
-    lo = w.min(dim=1).values.clamp(max=0)
-    hi = w.max(dim=1).values.clamp(min=0)
+    lo, hi = lo.to(torch.float32).clamp(max=0), hi.to(torch.float32).clamp(min=0)
+    floor = torch.finfo(torch.float16).tiny
     if sym:
-        hi = torch.maximum(lo.abs(), hi)
-        lo = torch.where(lo < 0, -hi, lo)
-    empty = (lo == 0) & (hi == 0)  # an all-zero row: any grid works, keep it finite
-    lo, hi = torch.where(empty, -1.0, lo), torch.where(empty, 1.0, hi)
-    scale = (hi - lo) / maxq
-    zero = torch.full_like(scale, (maxq + 1) // 2) if sym else torch.round(-lo / scale)
-    return scale, zero
+        scale = (2 * torch.maximum(lo.abs(), hi) / maxq).clamp(min=floor)
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+    else:
+        scale = ((hi - lo) / maxq).clamp(min=floor)
+        zero = torch.round(-lo / scale).clamp(min_zero, maxq)
+    return scale, zero.to(torch.int64)
 
 
-def quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Integers of w on the grid (all three [rows])."""
-    return torch.clamp(torch.round(w / scale) + zero, 0, (1 << bits) - 1)
+def row_grid(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """minmax_grid of each row of w [rows, cols]: scale, zero [rows]."""
+    return minmax_grid(w.min(dim=1).values, w.max(dim=1).values, bits, sym)
 
 
 def round_to_nearest(weight: torch.Tensor, bits: int, group_size: int = 128, sym: bool = True) -> GridWeights:
@@ -69,9 +75,9 @@ def round_to_nearest(weight: torch.Tensor, bits: int, group_size: int = 128, sym
     zeros = torch.empty(groups, out_f, dtype=torch.int64, device=w.device)
     for g in range(groups):
         cols = slice(g * gs, min(in_f, (g + 1) * gs))
-        scale, zero = grid_params(w[:, cols], bits, sym)
-        q[cols] = quantize_column(w[:, cols], scale[:, None], zero[:, None], bits).t().to(torch.int64)
-        scales[g], zeros[g] = scale, zero.to(torch.int64)
+        scale, zero = row_grid(w[:, cols], bits, sym)
+        q[cols] = round_to_grid(w[:, cols], scale[:, None], zero[:, None], bits).t().to(torch.int64)
+        scales[g], zeros[g] = scale, zero
     g_idx = (torch.arange(in_f, device=w.device) // gs).to(torch.int32)
     return GridWeights(q, scales, zeros, g_idx)
 
@@ -104,7 +110,7 @@ def quantize_layer(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group
 
     static = None
     if static_groups:  # grids from the original columns, group by group in input order
-        static = [grid_params(w[:, g:g + gs], bits, sym) for g in range(0, in_f, gs)]
+        static = [row_grid(w[:, g:g + gs], bits, sym) for g in range(0, in_f, gs)]
 
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else None
     if perm is not None:
@@ -128,9 +134,9 @@ def quantize_layer(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group
             elif col % gs == 0:
                 # The group's grid from the columns as updated so far (the current block's updates
                 # live in w1, as in the reference implementation).
-                scale, zero = grid_params(w[:, col:col + gs], bits, sym)
+                scale, zero = row_grid(w[:, col:col + gs], bits, sym)
             wc, d = w1[:, i], hinv1[i, i]
-            qc = quantize_column(wc, scale, zero, bits)
+            qc = round_to_grid(wc, scale, zero, bits)
             deq = scale * (qc - zero)
             q[:, col] = qc
             scales_by_col[col], zeros_by_col[col] = scale, zero

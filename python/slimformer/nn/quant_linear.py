@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..gptq.packing import check_bits, pack_cols, pack_rows, quantize_to_grid, unpack_rows, zero_offset
+from ..gptq.solver import minmax_grid
 from ..ops.gptq import gptq_gemm, gptq_gemm_a8
 
 
@@ -154,25 +155,10 @@ class QuantLinear(nn.Module):
 
 
 def _minmax_grid(w: torch.Tensor, g_idx: torch.Tensor, groups: int, bits: int, sym: bool, min_zero: int = 0):
-    """Round-to-nearest grid per (group, output): asymmetric min/max, or symmetric around zero.
-
-    Scales are floored at fp16's smallest normal number (they are stored in fp16; a smaller one
-    would round to 0). Zero points are clamped to [min_zero, 2**bits - 1]: format "gptq" (v1) stores
-    zero - 1 and cannot hold a zero point of 0, so such groups lose their lowest grid step instead.
-    """
-    maxq = (1 << bits) - 1
+    """Round-to-nearest grid per (group, output) for weight [out, in] (see minmax_grid)."""
     wt = w.t().to(torch.float32)  # [in, out]
     index = g_idx.long()[:, None].expand_as(wt)
     empty = torch.zeros(groups, wt.shape[1], device=w.device)
     lo = empty.scatter_reduce(0, index, wt, "amin", include_self=False)
     hi = empty.scatter_reduce(0, index, wt, "amax", include_self=False)
-    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-    floor = torch.finfo(torch.float16).tiny
-    if sym:
-        amax = torch.maximum(lo.abs(), hi)
-        scales = (2 * amax / maxq).clamp(min=floor)
-        zeros = torch.full_like(scales, (maxq + 1) // 2)
-    else:
-        scales = ((hi - lo) / maxq).clamp(min=floor)
-        zeros = torch.round(-lo / scales).clamp(min_zero, maxq)
-    return scales, zeros.to(torch.int64)
+    return minmax_grid(lo, hi, bits, sym, min_zero)
