@@ -15,6 +15,7 @@ from slimformer import _C
 from slimformer.gptq import gptq_linear_reference, pack_rows
 from slimformer.nn import QuantLinear
 from slimformer.ops import gptq_dequantize, gptq_gemm
+from case_ids import gptq_case_id  # tests/case_ids.py
 
 pytestmark = [
     pytest.mark.cuda,
@@ -58,14 +59,9 @@ CASES = [
 ]
 
 
-def _case_id(c):
-    bits, K, N, gs, act, off, sdt = c
-    return f"b{bits}-K{K}-N{N}-g{gs}-{'act' if act else 'seq'}-v{2 - off}-s{str(sdt)[6:]}"
-
-
 @pytest.mark.parametrize("xdt", [F16, BF16, F32])
 @pytest.mark.parametrize("M", [1, 3, 16, 33, 130])
-@pytest.mark.parametrize("c", CASES, ids=_case_id)
+@pytest.mark.parametrize("c", CASES, ids=gptq_case_id)
 def test_gemm_matches_fp64_and_cpu(c, M, xdt, make_gptq, helpers):
     bits, K, N, gs, act, off, sdt = c
     d = make_gptq(K, N, bits, gs, act_order=act, zero_offset=off, scale_dtype=sdt, bias_dtype=F16)
@@ -190,7 +186,7 @@ def test_out_of_range_indices_are_clamped_not_faulting(make_gptq, helpers):
     torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize("c", CASES, ids=_case_id)
+@pytest.mark.parametrize("c", CASES, ids=gptq_case_id)
 def test_dequantize_bit_identical_to_cpu(c, make_gptq):
     bits, K, N, gs, act, off, sdt = c
     d = make_gptq(K, N, bits, gs, act_order=act, zero_offset=off, scale_dtype=sdt)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from slimformer import _C
+from case_ids import gptq_case_id  # tests/case_ids.py
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 CONST = _C._test_cuda_constants()
@@ -181,12 +182,7 @@ REPLAY_CASES = [
 ]
 
 
-def _case_id(c):
-    bits, K, N, gs, act, off, sdt = c
-    return f"b{bits}-K{K}-N{N}-g{gs}-{'act' if act else 'seq'}-v{2 - off}-s{str(sdt)[6:]}"
-
-
-@pytest.mark.parametrize("c", REPLAY_CASES, ids=_case_id)
+@pytest.mark.parametrize("c", REPLAY_CASES, ids=gptq_case_id)
 @pytest.mark.parametrize("M", [1, 3, 16])
 def test_replayed_gemv_matches_fp64(c, M, make_gptq, helpers):
     bits, K, N, gs, act, off, sdt = c
@@ -232,7 +228,7 @@ def test_replayed_kernels_clamp_bad_indices(make_gptq, helpers):
     torch.testing.assert_close(emulate_dequantize(d, g_idx=bad_g).double(), W, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("c", REPLAY_CASES, ids=_case_id)
+@pytest.mark.parametrize("c", REPLAY_CASES, ids=gptq_case_id)
 def test_replayed_dequantize_matches_cpu_op(c, make_gptq):
     bits, K, N, gs, act, off, sdt = c
     d = make_gptq(K, N, bits, gs, act_order=act, zero_offset=off, scale_dtype=sdt)
