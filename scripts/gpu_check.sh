@@ -85,6 +85,11 @@ fi
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
 echo "gpu: ${GPU_NAME:-none} arch: ${ARCH:-none} python: $PY out: $OUT"
 
+# With pytest-xdist, a test that crashes the interpreter loses one worker, not the rest of the run
+# (the first H200 run lost the CUDA and CPU test results behind one segfault).
+XDIST=()
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
+
 # -- steps --------------------------------------------------------------------------------------
 if [[ -n "$CC" ]]; then
   run_step build 240 env SLIMFORMER_CUDA=ON SLIMFORMER_CUDA_ARCHS="$ARCH" PIP_BREAK_SYSTEM_PACKAGES=1 \
@@ -97,7 +102,7 @@ fi
 run_step info 60 "$PY" -m slimformer.info
 
 if [[ -n "$CC" ]]; then
-  run_step cuda_tests 180 "$PY" -m pytest -m cuda -q -p no:cacheprovider tests --junitxml="$OUT/logs/cuda_tests.xml"
+  run_step cuda_tests 180 "$PY" -m pytest -m cuda -q -p no:cacheprovider "${XDIST[@]}" tests --junitxml="$OUT/logs/cuda_tests.xml"
 else
   skip_step cuda_tests "no GPU"
 fi
@@ -121,7 +126,7 @@ else
   run_step bench 150 "$PY" -m slimformer.bench gptq --device cuda --out "$OUT/bench"
 fi
 
-run_step cpu_tests 120 "$PY" -m pytest -m "not cuda" -q -x -p no:cacheprovider tests
+run_step cpu_tests 120 "$PY" -m pytest -m "not cuda" -q -p no:cacheprovider "${XDIST[@]}" tests
 
 for tool in racecheck initcheck; do  # the gemv kernel's shared memory and its fp32 workspace
   if [[ -z "$CC" ]]; then

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -122,3 +123,28 @@ def test_import_in_fresh_process_with_other_torch_version():
     assert "IMPORTERROR:" in proc.stdout, proc.stdout
     assert "torch 1.0.0+cpu is installed" in proc.stdout
     assert "pip install --no-build-isolation" in proc.stdout
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ELF dynamic section")
+def test_extension_uses_torchs_shared_libstdcxx():
+    # A private static copy of libstdc++ inside _C (some GCC 13 toolchains link one) segfaults on
+    # the first TORCH_CHECK message that formats a number; CMakeLists.txt links the shared one.
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("readelf (binutils) is not installed")
+    out = subprocess.run([readelf, "-d", "-W", _C.__file__], capture_output=True, text=True, timeout=60).stdout
+    assert "libstdc++.so" in out, f"{_C.__file__} does not load the shared libstdc++:\n{out}"
+
+
+def test_error_messages_with_numbers_do_not_crash():
+    # The symptom of a static libstdc++ copy (see above), in a child process so a crash fails a test.
+    proc = _run_python("""
+        import torch, slimformer
+        q = torch.zeros(32, 8, dtype=torch.int32)
+        try:
+            torch.ops.slimformer.gptq_dequantize(q, torch.zeros(2, 1, dtype=torch.int32),
+                                                torch.ones(2, 8).half(), torch.zeros(256, dtype=torch.int32), 5, 1)
+        except ValueError as e:
+            print("raised", "bits=5" in str(e))
+    """)
+    assert proc.returncode == 0 and "raised True" in proc.stdout, (proc.returncode, proc.stdout, proc.stderr)

@@ -159,8 +159,11 @@ def _timer(device: str) -> Callable[[Callable[[], object]], float]:
     if device == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
+        # No synchronize before start.record(): the previous call ended with one, and the cache
+        # flush queued just before keeps the GPU busy while the host launches fn, so the events
+        # time the kernels, not the host's launch latency. (With a sync here, the first H200 run
+        # measured ~25-70 us for every variant, dense cuBLAS included: launch cost, not kernels.)
         def time_cuda(fn):
-            torch.cuda.synchronize()
             start.record()
             fn()
             end.record()
