@@ -15,4 +15,7 @@ TORCH_LIBRARY(slimformer, m) {
   m.def(
       "gptq_dequantize(Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx, int bits, "
       "int zero_offset) -> Tensor");
+  // The GPTQ solver's column loop over one block (slimformer.gptq.solver): w, scale, zero
+  // [rows, B], hinv [B, B] upper-triangular -> (q, err, loss [rows]), all float32.
+  m.def("gptq_solve_block(Tensor w, Tensor hinv, Tensor scale, Tensor zero, int bits) -> (Tensor, Tensor, Tensor)");
 }

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from slimformer.gptq import gptq_linear_reference, pack_cols, pack_rows
-from slimformer.gptq.solver import quantize_layer, round_to_nearest
+from slimformer.gptq import solver
+from slimformer.gptq.solver import _inverse_cholesky, _solve_block_reference, quantize_layer, round_to_nearest
+from slimformer.ops.gptq import gptq_solve_block
 
 
 def correlated_inputs(n: int, in_f: int) -> torch.Tensor:
@@ -80,3 +82,77 @@ def test_bad_hessian_raises_clearly():
         quantize_layer(torch.randn(4, 16), -torch.eye(16), bits=4, group_size=-1)
     with pytest.raises(ValueError, match="hessian must be"):
         quantize_layer(torch.randn(4, 16), torch.eye(8), bits=4)
+
+
+def test_damping_is_raised_with_a_warning_when_cholesky_fails():
+    h = torch.eye(16)
+    h[3, 3] = -0.05  # damping 0.01 * mean(diag) leaves it indefinite, 0.1 does not
+    with pytest.warns(RuntimeWarning, match="used 0.1"):
+        grid, _ = quantize_layer(torch.randn(4, 16), h, bits=4, group_size=-1)
+    assert grid.q.shape == (16, 4)
+
+
+def test_inverse_cholesky_matches_the_reference_construction():
+    x = correlated_inputs(400, 70)
+    h = hessian(x)
+    damped = h + 0.01 * torch.diag(h).mean() * torch.eye(70)
+    ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    got = _inverse_cholesky(h, 0.01, 0)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+    assert torch.equal(got, got.triu())
+
+
+def _block_case(rows: int, B: int, bits: int):
+    h = hessian(correlated_inputs(4 * B + 8, B)) + 0.1 * torch.eye(B)
+    hinv = _inverse_cholesky(h, 0.01, 0)
+    w = torch.randn(rows, B)
+    scale = (torch.rand(rows, B) + 0.5) * 4 / (1 << bits)
+    zero = torch.randint(0, 1 << bits, (rows, B)).to(torch.float32)
+    return w, hinv, scale, zero
+
+
+@pytest.mark.parametrize("rows,B", [(1, 1), (37, 5), (300, 128), (1536, 77)])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_solve_block_op_matches_the_reference(rows, B, bits):
+    w, hinv, scale, zero = _block_case(rows, B, bits)
+    want = _solve_block_reference(w, hinv, scale, zero, bits)
+    got = gptq_solve_block(w, hinv, scale, zero, bits)
+    mismatched = float((got[0] != want[0]).float().mean())
+    assert mismatched <= 1e-3, mismatched  # a rounding tie may break the other way; nothing more
+    if mismatched == 0:
+        torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got[2], want[2], rtol=1e-4, atol=1e-6)
+
+
+def test_solve_block_op_leaves_its_inputs_alone_and_passes_opcheck():
+    w, hinv, scale, zero = _block_case(20, 16, 4)
+    before = [t.clone() for t in (w, hinv, scale, zero)]
+    gptq_solve_block(w, hinv, scale, zero, 4)
+    assert all(torch.equal(a, b) for a, b in zip(before, (w, hinv, scale, zero)))
+    torch.library.opcheck(torch.ops.slimformer.gptq_solve_block.default, (w, hinv, scale, zero, 4))
+
+
+@pytest.mark.parametrize("act_order,static,group_size", [(False, False, 32), (True, False, 48), (True, True, 32),
+                                                          (False, False, -1)])
+def test_quantize_layer_with_the_op_equals_the_reference_loop(monkeypatch, act_order, static, group_size):
+    w = torch.randn(50, 160)  # 160 columns: two blocks of 128 and 32, groups starting mid-block
+    h = hessian(correlated_inputs(600, 160))
+    got, loss = quantize_layer(w, h, 3, group_size, act_order=act_order, static_groups=static)
+    monkeypatch.setattr(solver.ops, "gptq_solve_block", solver._solve_block_reference)
+    want, want_loss = quantize_layer(w, h, 3, group_size, act_order=act_order, static_groups=static)
+    assert float((got.q != want.q).float().mean()) <= 1e-3
+    assert torch.equal(got.g_idx, want.g_idx)
+    torch.testing.assert_close(got.scales, want.scales, rtol=1e-3, atol=1e-6)
+    assert loss == pytest.approx(want_loss, rel=1e-3)
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda a: (a[0].double(),) + a[1:], "float32"),
+    (lambda a: (a[0], a[1][:-1]) + a[2:], "hinv must be"),
+    (lambda a: a[:2] + (a[2][:, :-1],) + a[3:], "scale and zero"),
+    (lambda a: a[:4] + (5,), "unsupported bits=5"),
+])
+def test_solve_block_op_rejects_bad_input(mutate, match):
+    w, hinv, scale, zero = _block_case(6, 8, 4)
+    with pytest.raises(ValueError, match=match):
+        gptq_solve_block(*mutate((w, hinv, scale, zero, 4)))

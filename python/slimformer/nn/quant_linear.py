@@ -97,18 +97,35 @@ class QuantLinear(nn.Module):
             raise ValueError(f"scales and zeros must both be (groups, {out_features}), got "
                              f"{tuple(scales.shape)} and {tuple(zeros.shape)}")
         scales = scales.to(torch.float16)  # the checkpoint precision, before rounding onto the grid
+        q = quantize_to_grid(w, scales, zeros, g_idx, bits)
+        return cls.from_grid(q, scales, zeros, g_idx, bits, group_size, linear.bias, checkpoint_format)
+
+    @classmethod
+    def from_grid(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
+                  bits: int, group_size: int, bias: torch.Tensor | None = None,
+                  checkpoint_format: str = "gptq") -> "QuantLinear":
+        """Pack already-quantized integers (e.g. the GPTQ solver's): q [in, out] in [0, 2**bits),
+        scales and zeros [groups, out] (real zero points), g_idx [in], bias [out] or None."""
+        in_features, out_features = q.shape
+        groups = scales.shape[0]
+        mod = cls(in_features, out_features, bits, group_size, bias=bias is not None,
+                  checkpoint_format=checkpoint_format, device=q.device)
+        if scales.shape != (groups, out_features) or zeros.shape != (groups, out_features):
+            raise ValueError(f"scales and zeros must both be (groups, {out_features}), got "
+                             f"{tuple(scales.shape)} and {tuple(zeros.shape)}")
         zeros = zeros.to(torch.int64)
         stored = zeros - mod.zero_offset
         if int(stored.min()) < 0 or int(zeros.max()) >= (1 << bits):
             raise ValueError(f"zeros must lie in [{mod.zero_offset}, {1 << bits}) for bits={bits} and "
                              f"checkpoint_format={checkpoint_format!r}")
-        q = quantize_to_grid(w, scales, zeros, g_idx, bits)
-        mod.qweight = pack_rows(q, bits)
+        if int(q.min()) < 0 or int(q.max()) >= (1 << bits):
+            raise ValueError(f"q must lie in [0, {1 << bits}) for bits={bits}")
+        mod.qweight = pack_rows(q.to(torch.int64), bits)
         mod.qzeros = pack_cols(stored, bits)
-        mod.scales = scales.contiguous()
-        mod.g_idx = g_idx.contiguous()
-        if linear.bias is not None:
-            mod.bias = linear.bias.detach().to(torch.float16).clone()
+        mod.scales = scales.to(torch.float16).contiguous()
+        mod.g_idx = g_idx.to(device=q.device, dtype=torch.int32).contiguous()
+        if bias is not None:
+            mod.bias = bias.detach().to(device=q.device, dtype=torch.float16).clone()
         mod.post_init()
         return mod
 

@@ -69,3 +69,16 @@ def _gptq_dequantize_fake(qweight, qzeros, scales, g_idx, bits, zero_offset):
     _check_one_device(qweight, qzeros, scales, g_idx)
     return scales.new_empty((g_idx.shape[0], qweight.shape[1]))
 
+
+
+def gptq_solve_block(w: torch.Tensor, hinv: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                     bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One block of the GPTQ column loop (CPU; float32): w, scale, zero [rows, B], hinv [B, B]
+    -> (q, err, loss[rows]). Meaning: :func:`slimformer.gptq.solver._solve_block_reference`."""
+    return _ops.gptq_solve_block(w, hinv, scale, zero, bits)
+
+
+@torch.library.register_fake("slimformer::gptq_solve_block")
+def _gptq_solve_block_fake(w, hinv, scale, zero, bits):
+    _check_one_device(w, hinv, scale, zero)
+    return torch.empty_like(w), torch.empty_like(w), w.new_empty((w.shape[0],))
