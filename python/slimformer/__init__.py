@@ -32,11 +32,8 @@ _check_torch_matches_build()
 
 from . import _C  # noqa: E402  (registers torch.ops.slimformer.*)
 from . import ops  # noqa: E402  (fake impls for torch.compile / FakeTensor)
-# gptq before nn: slimformer.gptq.quantizer needs QuantLinear, whose module reads gptq.packing; in
-# this order gptq's submodules are loaded by the time nn.quant_linear asks for them.
-from . import gptq  # noqa: E402
 from .nn import QuantLinear  # noqa: E402
 
 __version__ = _C.__version__
 
-__all__ = ["QuantLinear", "gptq", "ops", "__version__"]
+__all__ = ["QuantLinear", "ops", "__version__"]

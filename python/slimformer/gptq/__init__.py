@@ -12,15 +12,28 @@ from .packing import (
     unpack_rows,
     zero_offset,
 )
-from .checkpoint import load, save
 from .config import GPTQConfig
-from .quantizer import find_blocks, quantize
 from .reference import (
     dequantize_reference,
     gptq_linear_a8_reference,
     gptq_linear_reference,
     quantize_activations_a8,
 )
+
+# quantize/save/load import transformers (slow) and QuantLinear (whose module imports this package):
+# loaded on first use (PEP 562).
+_LAZY = {"quantize": "quantizer", "find_blocks": "quantizer", "save": "checkpoint", "load": "checkpoint"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CHECKPOINT_FORMATS",

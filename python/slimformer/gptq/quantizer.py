@@ -231,7 +231,8 @@ class _Replay:
     Upstream of the step being calibrated everything is quantized and fixed, so a submodule whose
     linear layers are all quantized gets the same inputs in every later pass over the same batch
     and returns the same output: it is computed once and replayed (e.g. the whole attention while
-    gate/up and down are calibrated). Only the largest such submodules are replayed.
+    gate/up and down are calibrated). Once a part has an output for a batch, its sub-parts' outputs
+    for that batch are dropped: they will not be asked for again.
     """
 
     enabled = True  # tests switch it off to check that replaying changes nothing
@@ -246,16 +247,13 @@ class _Replay:
     def _fully_quantized(self) -> list[str]:
         def leaves(mod):
             return [m for m in mod.modules() if isinstance(m, LINEAR_TYPES + (QuantLinear,))]
-        done = [n for n, m in self.block.named_modules()
+        return [n for n, m in self.block.named_modules()
                 if n and leaves(m) and all(isinstance(x, QuantLinear) for x in leaves(m))]
-        return [n for n in done if not any(n.startswith(o + ".") for o in done)]
 
     def __enter__(self) -> "_Replay":
         if not self.enabled:
             return self
-        names = self._fully_quantized()
-        self.cache = {k: v for k, v in self.cache.items() if k[0] in names}  # drop superseded parts
-        for name in names:
+        for name in self._fully_quantized():
             mod = self.block.get_submodule(name)
             mod.forward = self._wrap(name, mod.forward)  # instance attribute shadows the method
             self.installed.append(mod)
@@ -276,6 +274,9 @@ class _Replay:
             key = (name, self.batch, call)
             if key not in self.cache:
                 self.cache[key] = forward(*args, **kwargs)
+                inner = name + "."
+                for k in [k for k in self.cache if k[1] == self.batch and k[0].startswith(inner)]:
+                    del self.cache[k]
             return self.cache[key]
         return replayed
 
