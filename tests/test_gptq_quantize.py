@@ -160,3 +160,9 @@ def test_quantize_save_load_round_trip_gives_identical_logits(tmp_path, name, op
     ids = tokens(3, 20, seed=5)
     assert torch.equal(output(loaded, ids), output(model, ids))
     assert loaded.config.quantization_config == model.config.quantization_config
+
+
+def test_clipping_search_is_recorded_in_the_config():
+    model = make("llama")
+    quantize(model, tokens(), bits=3, group_size=32, mse=2.4, progress=False)
+    assert model.config.quantization_config["mse"] == 2.4

@@ -53,6 +53,11 @@ SETTINGS: dict[str, dict | None] = {
     # beyond the paper
     "gptq-3b-g128-act-static": dict(bits=3, group_size=128, desc_act=True, static_groups=True),
     "gptq-3b-g128-n128": dict(bits=3, group_size=128, nsamples=128),
+    "gptq-4b-g128-mse": dict(bits=4, group_size=128, mse=2.4),
+    "gptq-3b-g128-mse": dict(bits=3, group_size=128, mse=2.4),
+    "gptq-3b-g128-act-mse": dict(bits=3, group_size=128, desc_act=True, mse=2.4),
+    "gptq-2b-g64-mse": dict(bits=2, group_size=64, mse=2.4),
+    "rtn-3b-g128-mse": dict(method="rtn", bits=3, group_size=128, mse=2.4),
 }
 SPEED_SETTINGS = ("fp32", "gptq-4b-g128")
 PROMPT = "Write one sentence about the English countryside."
@@ -146,7 +151,7 @@ def _markdown(payload: dict) -> str:
         f"- evaluation: non-overlapping {cfg['seqlen']}-token windows of the first {cfg['eval_tokens']} tokens of "
         f"{', '.join(texts)}; one stream, no BOS per window",
         "- grids: asymmetric (sym=False), format gptq (v1); `-act` = act-order (desc_act), `-static` = static groups,"
-        " `-n128` = 128 calibration windows", "",
+        " `-n128` = 128 calibration windows, `-mse` = clipping-range search (mse=2.4)", "",
         markdown_table(headers, table, "l" + "r" * (len(headers) - 1)), "",
         "- quantize s: wall time of slimformer.gptq.quantize (model already loaded); peak RSS: the process's"
         " maximum resident memory by the end of quantization (model + calibration + one block's work).",

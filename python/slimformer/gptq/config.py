@@ -22,6 +22,7 @@ class GPTQConfig:
     static_groups: bool = False
     true_sequential: bool = True
     checkpoint_format: str = "gptq"
+    mse: float = 0.0  # > 0: clipping-range search with this error norm (GPTQModel's "mse"); 0: min/max
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -30,6 +31,8 @@ class GPTQConfig:
             raise ValueError(f"group_size must be positive or -1 (one group per row), got {self.group_size}")
         if not 0 < self.damp_percent < 1:
             raise ValueError(f"damp_percent must lie in (0, 1), got {self.damp_percent}")
+        if self.mse < 0:
+            raise ValueError(f"mse must be >= 0 (0: min/max grids), got {self.mse}")
         if self.checkpoint_format not in CHECKPOINT_FORMATS:
             raise ValueError(f"checkpoint_format must be one of {CHECKPOINT_FORMATS}, got {self.checkpoint_format!r}")
 
@@ -52,4 +55,5 @@ class GPTQConfig:
         for key in ("bits", "group_size"):
             if key in known:
                 known[key] = int(known[key])
+        known["mse"] = float(known.get("mse") or 0.0)
         return cls(**known, extra=d)

@@ -341,7 +341,7 @@ def _quantized(layer: nn.Module, grid: GridWeights, cfg: GPTQConfig) -> QuantLin
 @torch.no_grad()
 def quantize(model: nn.Module, examples: torch.Tensor | Sequence[torch.Tensor] | None = None, bits: int = 4,
              group_size: int = 128, desc_act: bool = False, sym: bool = True, damp_percent: float = 0.01,
-             static_groups: bool = False, true_sequential: bool = True, method: str = "gptq",
+             static_groups: bool = False, true_sequential: bool = True, mse: float = 0.0, method: str = "gptq",
              checkpoint_format: str = "gptq", batch_size: int = 8, block_size: int = 128,
              device: str | torch.device | None = None, progress: bool = True) -> nn.Module:
     """Quantize ``model``'s block linear layers in place; returns the model.
@@ -349,14 +349,16 @@ def quantize(model: nn.Module, examples: torch.Tensor | Sequence[torch.Tensor] |
     ``examples``: calibration token ids, a [n, seq] tensor or a list of 1-D tensors (not needed
     for ``method="rtn"``). ``method``: ``"gptq"`` or ``"rtn"`` (round-to-nearest on the same grid,
     no error feedback: the baseline). ``desc_act`` is act-order; ``static_groups`` fixes each
-    group's grid before the solver runs; ``checkpoint_format`` is ``"gptq"`` (v1, what most loaders
-    read) or ``"gptq_v2"``. ``device``: where each block is quantized (default: where it is).
+    group's grid before the solver runs; ``mse`` > 0 searches each group's clipping range for the
+    least sum |w - q|^mse (2.4 in the GPTQ reference; the paper uses min/max); ``checkpoint_format``
+    is ``"gptq"`` (v1, what most loaders read) or ``"gptq_v2"``. ``device``: where each block is
+    quantized (default: where it is).
     Embeddings, ``lm_head`` and anything outside the blocks stay in full precision. The config
     is stored as ``model.config.quantization_config`` and per-layer stats as
     ``model.slimformer_quantize_report``.
     """
     cfg = GPTQConfig(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym, damp_percent=damp_percent,
-                     static_groups=static_groups, true_sequential=true_sequential,
+                     static_groups=static_groups, true_sequential=true_sequential, mse=mse,
                      checkpoint_format=checkpoint_format)
     if method not in ("gptq", "rtn"):
         raise ValueError(f"method must be 'gptq' or 'rtn', got {method!r}")
@@ -390,7 +392,7 @@ def _quantize_rtn(blocks: nn.ModuleList, cfg: GPTQConfig, report: QuantizeReport
     for block in tqdm(blocks, desc=f"RTN {cfg.bits}-bit", disable=not progress):
         for name, layer in [(n, m) for n, m in block.named_modules() if isinstance(m, LINEAR_TYPES)]:
             t0 = time.perf_counter()
-            grid = round_to_nearest(_linear_weight(layer), cfg.bits, cfg.group_size, cfg.sym, min_zero)
+            grid = round_to_nearest(_linear_weight(layer), cfg.bits, cfg.group_size, cfg.sym, min_zero, cfg.mse)
             _set_submodule(block, name, _quantized(layer, grid, cfg))
             report.layers.append(LayerStats(name, 0.0, time.perf_counter() - t0))
 
@@ -413,7 +415,7 @@ def _quantize_gptq(model, blocks, batches, cfg: GPTQConfig, block_size: int, dev
                 layer = block.get_submodule(name)
                 grid, loss = quantize_layer(_linear_weight(layer), hessians[step.sources[name]], cfg.bits,
                                             cfg.group_size, cfg.sym, cfg.desc_act, cfg.damp_percent,
-                                            cfg.static_groups, block_size, min_zero=min_zero)
+                                            cfg.static_groups, block_size, min_zero=min_zero, mse=cfg.mse)
                 _set_submodule(block, name, _quantized(layer, grid, cfg))
                 full = f"{i}.{name}"
                 report.layers.append(LayerStats(full, loss, time.perf_counter() - t0))
