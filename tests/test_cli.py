@@ -1,6 +1,4 @@
-"""The ``slimformer quantize / eval / demo`` commands on a tiny random model (no downloads).
-
-The quantize and demo runs need slimformer.gptq.quantize/save/load and skip until those exist."""
+"""The ``slimformer quantize / eval / demo`` commands on a tiny random model (no downloads)."""
 from __future__ import annotations
 
 import importlib.util
@@ -9,16 +7,10 @@ import re
 
 import pytest
 
-import slimformer.gptq
 from slimformer.cli import main
 from slimformer.evaluation import perplexity, tokenize_text
 from slimformer.models import INSTALL_HINT, load_model
 from test_evaluation import TEXT, make_tiny_model_dir  # tests/test_evaluation.py
-
-needs_gptq = pytest.mark.skipif(
-    not all(hasattr(slimformer.gptq, n) for n in ("quantize", "save", "load")),
-    reason="slimformer.gptq.quantize/save/load are not in this build yet")
-
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
@@ -68,23 +60,26 @@ def test_quantize_gptq_without_calibration_text_is_an_error(tiny_dir, tmp_path, 
     assert "--calib" in capsys.readouterr().err
 
 
-@needs_gptq
-@pytest.mark.parametrize("method", ["gptq", "rtn"])
-def test_quantize_saves_a_checkpoint_that_eval_loads(tiny_dir, texts, tmp_path, capsys, method):
+@pytest.mark.parametrize("method,options", [("gptq", []), ("rtn", []),
+                                            ("gptq", ["--lm-head", "--mse", "2.4", "--checkpoint-format", "gptq_v2",
+                                                      "--desc-act", "--asym", "--no-true-sequential"])])
+def test_quantize_saves_a_checkpoint_that_eval_loads(tiny_dir, texts, tmp_path, capsys, method, options):
     out_dir = tmp_path / "q"
     calib = ["--calib", str(texts / "sensesensibility.txt"), str(texts / "mansfieldpark.txt")] if method == "gptq" else []
     assert main(["quantize", str(tiny_dir), "--bits", "4", "--group-size", "32", "--method", method, *calib,
-                 "--nsamples", "4", "--seqlen", "32", "--out", str(out_dir)]) == 0
+                 "--nsamples", "4", "--seqlen", "32", "--out", str(out_dir), *options]) == 0
     out = capsys.readouterr().out
     assert "wall time" in out and "peak RSS" in out
     qc = json.loads((out_dir / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "gptq" and qc["bits"] == 4 and qc["group_size"] == 32
+    if options:
+        assert qc["lm_head"] and qc["mse"] == 2.4 and qc["checkpoint_format"] == "gptq_v2" and qc["desc_act"]
+        assert not qc["sym"] and not qc["true_sequential"]
     assert main(["eval", str(out_dir), "--text", str(texts / "prideprejudice.txt"), "--seqlen", "64",
                  "--new-tokens", "4"]) == 0
     assert float(table_value(capsys.readouterr().out, "perplexity")) > 1
 
 
-@needs_gptq
 def test_demo_runs_end_to_end_on_a_tiny_model(tiny_dir, texts, tmp_path, capsys):
     out_dir = tmp_path / "demo-out"
     assert main(["demo", "--model", str(tiny_dir), "--text-dir", str(texts), "--group-size", "32", "--nsamples", "4",

@@ -166,3 +166,33 @@ def test_clipping_search_is_recorded_in_the_config():
     model = make("llama")
     quantize(model, tokens(), bits=3, group_size=32, mse=2.4, progress=False)
     assert model.config.quantization_config["mse"] == 2.4
+
+
+def test_offloaded_meta_weights_are_refused_clearly():
+    model = make("llama")
+    down = model.model.layers[1].mlp.down_proj
+    down.weight = torch.nn.Parameter(torch.empty_like(down.weight, device="meta"))
+    with pytest.raises(ValueError, match="block 1 has parameters on the meta device"):
+        quantize(model, tokens(), bits=4, group_size=32, progress=False)
+
+
+@pytest.mark.parametrize("name,method", [("gpt2", "gptq"), ("llama", "rtn")])
+def test_lm_head_is_quantized_when_asked_and_round_trips(tmp_path, name, method):
+    from slimformer.gptq import load, save
+
+    model = make(name)
+    embeddings = model.get_input_embeddings().weight.detach().clone()
+    quantize(model, tokens(), bits=4, group_size=32, lm_head=True, method=method, progress=False)
+    assert isinstance(model.get_output_embeddings(), QuantLinear)
+    assert torch.equal(model.get_input_embeddings().weight, embeddings)  # a tied weight is untied, not rounded
+    assert model.config.quantization_config["lm_head"] is True and not model.config.tie_word_embeddings
+    assert relative_error(model, make(name), tokens(3, seed=9)) < 0.2
+    save(model, tmp_path / "ckpt")
+    loaded = load(tmp_path / "ckpt")
+    assert isinstance(loaded.get_output_embeddings(), QuantLinear)
+    assert torch.equal(output(loaded, tokens(2)), output(model, tokens(2)))
+
+
+def test_lm_head_needs_a_linear_output_layer():
+    with pytest.raises(ValueError, match="no linear output layer"):
+        quantize(make("bert"), tokens(), lm_head=True, progress=False)

@@ -133,7 +133,9 @@ def _run_quantize(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ModelPackageMissing, RuntimeError, ValueError) as e:
         return _user_error(prog, e)
     gptq.quantize(model, examples, bits=args.bits, group_size=args.group_size, desc_act=args.desc_act, sym=args.sym,
-                  damp_percent=args.damp_percent, static_groups=args.static_groups, method=args.method)
+                  damp_percent=args.damp_percent, static_groups=args.static_groups, method=args.method,
+                  true_sequential=args.true_sequential, mse=args.mse, lm_head=args.lm_head,
+                  checkpoint_format=args.checkpoint_format)
     gptq.save(model, args.out, tokenizer=tokenizer)
     print(f"saved {args.method} {args.bits}-bit g{args.group_size} checkpoint to {args.out}")
     print(f"wall time {time.perf_counter() - start:.1f} s, peak RSS {_peak_rss_mib():.0f} MiB")
@@ -154,6 +156,14 @@ def _add_quantize(sub) -> None:
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (per-group zero point)")
     p.add_argument("--static-groups", action="store_true", help="fix every group's grid before solving")
     p.add_argument("--damp-percent", type=float, default=0.01, help="Hessian damping, fraction of its mean diagonal")
+    p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
+                   help="calibrate all layers of a block on the full-precision block's inputs at once")
+    p.add_argument("--mse", type=float, default=0.0, metavar="P",
+                   help="search each group's clipping range for the least sum |w-q|^P (2.4 is the GPTQ "
+                        "reference's); default 0: min/max ranges")
+    p.add_argument("--lm-head", action="store_true", help="also quantize the output layer (lm_head)")
+    p.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"], default="gptq",
+                   help="zero-point storage: gptq (v1, read by most loaders; default) or gptq_v2")
     p.add_argument("--method", choices=["gptq", "rtn"], default="gptq", help="rtn: round-to-nearest baseline, no calibration")
     p.add_argument("--calib", nargs="+", metavar="TEXTFILE", help="calibration text file(s)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")

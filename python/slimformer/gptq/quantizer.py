@@ -28,6 +28,7 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
@@ -281,12 +282,13 @@ class _Replay:
         return replayed
 
 
-def _run_all(block: nn.Module, inputs, replay: _Replay) -> list[torch.Tensor | None]:
+def _run_all(block: nn.Module, inputs, replay: _Replay | None) -> list[torch.Tensor | None]:
     """The block on every batch (outputs, or None where a hook stopped the forward)."""
     outs = []
-    with replay:
+    with replay or contextlib.nullcontext():
         for b, (hidden, kwargs) in enumerate(inputs):
-            replay.start_batch(b)
+            if replay is not None:
+                replay.start_batch(b)
             try:
                 outs.append(_run_block(block, hidden, kwargs))
             except _StopForward:
@@ -294,7 +296,7 @@ def _run_all(block: nn.Module, inputs, replay: _Replay) -> list[torch.Tensor | N
     return outs
 
 
-def _hessians(block: nn.Module, step: _Step, inputs, replay: _Replay) -> dict[str, torch.Tensor]:
+def _hessians(block: nn.Module, step: _Step, inputs, replay: _Replay | None) -> dict[str, torch.Tensor]:
     """H = 2/n sum x x^T over all calibration tokens, for each distinct input of the step.
 
     The forward stops once the step's last distinct input has been seen: the layers that share it
@@ -342,7 +344,7 @@ def _quantized(layer: nn.Module, grid: GridWeights, cfg: GPTQConfig) -> QuantLin
 def quantize(model: nn.Module, examples: torch.Tensor | Sequence[torch.Tensor] | None = None, bits: int = 4,
              group_size: int = 128, desc_act: bool = False, sym: bool = True, damp_percent: float = 0.01,
              static_groups: bool = False, true_sequential: bool = True, mse: float = 0.0, method: str = "gptq",
-             checkpoint_format: str = "gptq", batch_size: int = 8, block_size: int = 128,
+             checkpoint_format: str = "gptq", lm_head: bool = False, batch_size: int = 8, block_size: int = 128,
              device: str | torch.device | None = None, progress: bool = True) -> nn.Module:
     """Quantize ``model``'s block linear layers in place; returns the model.
 
@@ -353,7 +355,9 @@ def quantize(model: nn.Module, examples: torch.Tensor | Sequence[torch.Tensor] |
     least sum |w - q|^mse (2.4 in the GPTQ reference; the paper uses min/max); ``checkpoint_format``
     is ``"gptq"`` (v1, what most loaders read) or ``"gptq_v2"``. ``device``: where each block is
     quantized (default: where it is).
-    Embeddings, ``lm_head`` and anything outside the blocks stay in full precision. The config
+    Embeddings and anything else outside the blocks stay in full precision; so does the output
+    layer unless ``lm_head=True`` (quantized last, on the quantized model's inputs; a weight tied to
+    the input embeddings is untied, the embeddings keep full precision). The config
     is stored as ``model.config.quantization_config`` and per-layer stats as
     ``model.slimformer_quantize_report``.
     """
@@ -366,6 +370,7 @@ def quantize(model: nn.Module, examples: torch.Tensor | Sequence[torch.Tensor] |
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("the model already has QuantLinear layers; quantize a full-precision model")
+    head = _output_layer(model) if lm_head else None
     _, blocks = find_blocks(model)
     report = QuantizeReport(method, cfg)
     start = time.perf_counter()
@@ -377,14 +382,50 @@ def quantize(model: nn.Module, examples: torch.Tensor | Sequence[torch.Tensor] |
         else:
             if examples is None:
                 raise ValueError("GPTQ needs calibration examples (token ids); method='rtn' needs none")
-            _quantize_gptq(model, blocks, _batches(examples, batch_size), cfg, block_size, device, report, progress)
+            batches = _batches(examples, batch_size)
+            _quantize_gptq(model, blocks, batches, cfg, block_size, device, report, progress)
+        if head is not None:
+            _quantize_output_layer(model, head, batches if method == "gptq" else None, cfg, block_size, report)
     finally:
         model.train(was_training)
     report.seconds = time.perf_counter() - start
+    if head is not None:
+        cfg.extra["lm_head"] = True  # GPTQModel's key for a quantized output layer
     if getattr(model, "config", None) is not None:
         model.config.quantization_config = cfg.to_dict()
     model.slimformer_quantize_report = report
     return model
+
+
+def _output_layer(model: nn.Module) -> tuple[str, nn.Module]:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, LINEAR_TYPES):
+        raise ValueError(f"lm_head=True: {type(model).__name__} has no linear output layer to quantize")
+    name = next(n for n, m in model.named_modules() if m is head)
+    return name, head
+
+
+def _quantize_output_layer(model: nn.Module, head: tuple[str, nn.Module], batches, cfg: GPTQConfig,
+                           block_size: int, report: QuantizeReport) -> None:
+    """Quantize the output layer: GPTQ on its inputs from the (already quantized) model, or RTN."""
+    name, layer = head
+    t0 = time.perf_counter()
+    weight = _linear_weight(layer).detach().clone()  # a tied weight is shared with the embeddings
+    if batches is None:
+        grid, loss = round_to_nearest(weight, cfg.bits, cfg.group_size, cfg.sym, zero_offset(cfg.checkpoint_format),
+                                      cfg.mse), 0.0
+    else:
+        step = _Step([name], {name: name})
+        # The whole model runs on each batch, stopped at the output layer's input.
+        extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+        hessian = _hessians(model, step, [(ids.to(weight.device), extra) for ids in batches], None)[name]
+        grid, loss = quantize_layer(weight, hessian, cfg.bits, cfg.group_size, cfg.sym, cfg.desc_act,
+                                    cfg.damp_percent, cfg.static_groups, block_size,
+                                    min_zero=zero_offset(cfg.checkpoint_format), mse=cfg.mse)
+    _set_submodule(model, name, _quantized(layer, grid, cfg))
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.config.tie_word_embeddings = False  # the embeddings keep their full-precision weight
+    report.layers.append(LayerStats(name, loss, time.perf_counter() - t0))
 
 
 def _quantize_rtn(blocks: nn.ModuleList, cfg: GPTQConfig, report: QuantizeReport, progress: bool) -> None:
@@ -397,15 +438,30 @@ def _quantize_rtn(blocks: nn.ModuleList, cfg: GPTQConfig, report: QuantizeReport
             report.layers.append(LayerStats(name, 0.0, time.perf_counter() - t0))
 
 
+def _home_device(block: nn.Module, index: int) -> torch.device:
+    devices = {p.device for p in block.parameters()}
+    if torch.device("meta") in devices:
+        raise ValueError(f"block {index} has parameters on the meta device (offloaded by accelerate?); GPTQ needs "
+                         "the weights in memory: load the model on CPU or on GPUs without disk/CPU offload")
+    if len(devices) != 1:
+        raise ValueError(f"block {index} is spread over devices {sorted(map(str, devices))}; GPTQ works block by block "
+                         "and needs each block on one device")
+    return devices.pop()
+
+
 def _quantize_gptq(model, blocks, batches, cfg: GPTQConfig, block_size: int, device, report, progress) -> None:
-    device = torch.device(device) if device is not None else next(blocks[0].parameters()).device
-    inputs = _capture_block_inputs(model, blocks[0], batches, device)
+    # Each block is quantized on `device`, or where it lives (a model dispatched over GPUs with
+    # accelerate's device_map keeps every block on its own GPU); the activations follow it.
+    first = torch.device(device) if device is not None else _home_device(blocks[0], 0)
+    inputs = _capture_block_inputs(model, blocks[0], batches, first)
     min_zero = zero_offset(cfg.checkpoint_format)
     bar = tqdm(range(len(blocks)), desc=f"GPTQ {cfg.bits}-bit", disable=not progress)
     for i in bar:
         block = blocks[i]
-        home = next(block.parameters()).device
-        block.to(device)
+        home = _home_device(block, i)
+        target = torch.device(device) if device is not None else home
+        block.to(target)
+        inputs = [(hidden.to(target), _to(kwargs, target)) for hidden, kwargs in inputs]
         losses = []
         replay = _Replay(block)
         for step in _plan_steps(block, inputs, cfg.true_sequential):
