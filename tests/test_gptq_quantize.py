@@ -3,6 +3,8 @@ linear becomes a QuantLinear, GPTQ beats round-to-nearest on the model output, t
 steps follow the block's data flow, and replaying finished parts changes nothing."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
@@ -196,3 +198,15 @@ def test_lm_head_is_quantized_when_asked_and_round_trips(tmp_path, name, method)
 def test_lm_head_needs_a_linear_output_layer():
     with pytest.raises(ValueError, match="no linear output layer"):
         quantize(make("bert"), tokens(), lm_head=True, progress=False)
+
+
+def test_saving_asymmetric_v1_warns_about_gptqmodel(tmp_path):
+    from slimformer.gptq import save
+
+    model = quantize(make("llama"), method="rtn", sym=False, progress=False)
+    with pytest.warns(UserWarning, match="gptq_v2"):
+        save(model, tmp_path / "v1")
+    v2 = quantize(make("llama"), method="rtn", sym=False, checkpoint_format="gptq_v2", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save(v2, tmp_path / "v2")

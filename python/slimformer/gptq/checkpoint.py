@@ -92,6 +92,11 @@ def save(model: nn.Module, path: str | Path, tokenizer=None, max_shard_size: int
                 f"{m.checkpoint_format!r} but quantization_config says bits={bits}, group_size={group_size}, "
                 f"checkpoint_format={qcfg.checkpoint_format!r}")
 
+    if not qcfg.sym and qcfg.checkpoint_format == "gptq":
+        # Measured with GPTQModel 7.7.0 (benchmarks/results/interop_gptqmodel_2026-11-28.md).
+        warnings.warn("save: an asymmetric checkpoint in format 'gptq' (v1) loads in slimformer, transformers/optimum "
+                      "and AutoGPTQ, but GPTQModel refuses asymmetric v1 files it did not write itself; quantize "
+                      "with checkpoint_format='gptq_v2' for GPTQModel", UserWarning, stacklevel=2)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = _state_dict_to_save(model)
