@@ -92,10 +92,7 @@ class QuantLinear(nn.Module):
         g_idx = g_idx.to(device=w.device, dtype=torch.int32)
         if scales is None or zeros is None:
             scales, zeros = _minmax_grid(w, g_idx, mod.scales.shape[0], bits, sym, min_zero=mod.zero_offset)
-        groups = scales.shape[0]
-        if scales.shape != (groups, out_features) or zeros.shape != (groups, out_features):
-            raise ValueError(f"scales and zeros must both be (groups, {out_features}), got "
-                             f"{tuple(scales.shape)} and {tuple(zeros.shape)}")
+        _check_grid_shapes(scales, zeros, out_features)  # before rounding onto them
         scales = scales.to(torch.float16)  # the checkpoint precision, before rounding onto the grid
         q = quantize_to_grid(w, scales, zeros, g_idx, bits)
         return cls.from_grid(q, scales, zeros, g_idx, bits, group_size, linear.bias, checkpoint_format)
@@ -107,12 +104,9 @@ class QuantLinear(nn.Module):
         """Pack already-quantized integers (e.g. the GPTQ solver's): q [in, out] in [0, 2**bits),
         scales and zeros [groups, out] (real zero points), g_idx [in], bias [out] or None."""
         in_features, out_features = q.shape
-        groups = scales.shape[0]
         mod = cls(in_features, out_features, bits, group_size, bias=bias is not None,
                   checkpoint_format=checkpoint_format, device=q.device)
-        if scales.shape != (groups, out_features) or zeros.shape != (groups, out_features):
-            raise ValueError(f"scales and zeros must both be (groups, {out_features}), got "
-                             f"{tuple(scales.shape)} and {tuple(zeros.shape)}")
+        _check_grid_shapes(scales, zeros, out_features)
         zeros = zeros.to(torch.int64)
         stored = zeros - mod.zero_offset
         if int(stored.min()) < 0 or int(zeros.max()) >= (1 << bits):
@@ -169,6 +163,13 @@ class QuantLinear(nn.Module):
                 f"group_size={self.group_size}, bias={self.bias is not None}, "
                 f"checkpoint_format={self.checkpoint_format!r}, act_order={self._perm is not None}"
                 + (", int8_activations=True" if self.int8_activations else ""))
+
+
+def _check_grid_shapes(scales: torch.Tensor, zeros: torch.Tensor, out_features: int) -> None:
+    groups = scales.shape[0]
+    if scales.shape != (groups, out_features) or zeros.shape != (groups, out_features):
+        raise ValueError(f"scales and zeros must both be (groups, {out_features}), got "
+                         f"{tuple(scales.shape)} and {tuple(zeros.shape)}")
 
 
 def _minmax_grid(w: torch.Tensor, g_idx: torch.Tensor, groups: int, bits: int, sym: bool, min_zero: int = 0):
