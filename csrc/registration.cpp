@@ -18,4 +18,12 @@ TORCH_LIBRARY(slimformer, m) {
   // The GPTQ solver's column loop over one block (slimformer.gptq.solver): w, scale, zero
   // [rows, B], hinv [B, B] upper-triangular -> (q, err, loss [rows]), all float32.
   m.def("gptq_solve_block(Tensor w, Tensor hinv, Tensor scale, Tensor zero, int bits) -> (Tensor, Tensor, Tensor)");
+  // Binary (1-bit) weights, layout v1 in binary/binary_format.h: qweight int32 [ceil(N/16), ceil(K/32), 16],
+  // alpha float32 [N]. W1A-fp: y = alpha * (x @ S^T) (+ bias), S in {-1,+1}^[N, K].
+  m.def("binary_gemm(Tensor x, Tensor qweight, Tensor alpha, Tensor? bias, int in_features) -> Tensor");
+  // W1A1: t = (x >= act_shift ? +1 : -1); y = alpha * (act_scale * (t @ S^T) + act_shift * S.sum(1)) (+ bias),
+  // act_scale / act_shift float32 scalars (0-dim); popcount dot products.
+  m.def(
+      "binary_gemm_a1(Tensor x, Tensor qweight, Tensor alpha, Tensor? bias, Tensor act_scale, "
+      "Tensor act_shift, int in_features) -> Tensor");
 }

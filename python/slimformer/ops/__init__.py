@@ -1,4 +1,5 @@
 """Typed wrappers over ``torch.ops.slimformer.*`` and their fake (meta) implementations."""
+from .binary import binary_gemm, binary_gemm_a1
 from .gptq import gptq_dequantize, gptq_gemm, gptq_gemm_a8
 
-__all__ = ["gptq_dequantize", "gptq_gemm", "gptq_gemm_a8"]
+__all__ = ["binary_gemm", "binary_gemm_a1", "gptq_dequantize", "gptq_gemm", "gptq_gemm_a8"]
