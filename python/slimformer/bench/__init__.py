@@ -9,4 +9,4 @@ output disagrees with its reference (a benchmark of a wrong kernel is worthless)
 """
 from __future__ import annotations
 
-__all__ = ["common", "gptq"]
+__all__ = ["binary", "common", "gptq"]

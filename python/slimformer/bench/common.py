@@ -1,6 +1,7 @@
 """Shared benchmark plumbing: timing, machine facts, output folder, JSON + markdown reports."""
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import gc
 import json
@@ -15,12 +16,19 @@ from typing import Callable, Sequence
 import torch
 
 __all__ = [
+    "BUSY_LOAD",
     "CacheFlusher",
+    "KernelMismatch",
     "Timing",
     "default_out_dir",
+    "fmt_us",
+    "is_busy",
     "git_info",
     "machine_facts",
     "markdown_table",
+    "parse_ints",
+    "parse_shapes",
+    "rel_err",
     "repo_root",
     "time_interleaved",
     "write_report",
@@ -280,3 +288,56 @@ def write_report(out_dir: Path, stem: str, latest_stem: str, payload: dict, mark
         path.write_text(content, encoding="utf-8")
         written.append(path)
     return written
+
+
+# -- shared by the kernel benchmarks -----------------------------------------------------------
+# A 1-minute load average above this before the run starts means someone else is using the CPUs.
+BUSY_LOAD = 0.5
+
+
+class KernelMismatch(RuntimeError):
+    """A kernel's output disagrees with its reference: the benchmark must not report it."""
+
+
+def is_busy(device: str, machine: dict) -> bool:
+    """CPU timings only: GPU kernel times hardly depend on the host's load (e.g. a build just before)."""
+    load = machine.get("load_avg_1m_at_start")
+    return device == "cpu" and load is not None and load > BUSY_LOAD
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    shapes = []
+    for item in text.replace(" ", "").split(","):
+        if not item:
+            continue
+        try:
+            k, n = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"shape {item!r} is not KxN (e.g. 4096x11008)") from None
+        if k <= 0 or n <= 0:
+            raise argparse.ArgumentTypeError(f"shape {item!r} must be positive")
+        shapes.append((k, n))
+    if not shapes:
+        raise argparse.ArgumentTypeError("no shapes given")
+    return shapes
+
+
+def parse_ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r} must list positive integers")
+    return values
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    y, ref = y.double(), ref.double()
+    return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def fmt_us(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.1f}" if v < 1000 else f"{v:,.0f}"

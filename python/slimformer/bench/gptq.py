@@ -34,7 +34,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .common import CacheFlusher, default_out_dir, machine_facts, markdown_table, time_interleaved, write_report
+from .common import (BUSY_LOAD, CacheFlusher, KernelMismatch, default_out_dir, fmt_us as _fmt_us, is_busy as _busy,
+                     machine_facts, markdown_table, parse_ints as _parse_ints, parse_shapes as _parse_shapes,
+                     rel_err as _rel_err, time_interleaved, write_report)
 
 SUMMARY = "GPTQ dequantize-matmul vs torch dense F.linear and torch's int4 kernel on LLM layer shapes"
 DESCRIPTION = __doc__.split("Use ``slimformer")[0].replace("``", "")
@@ -60,42 +62,7 @@ _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
-# A 1-minute load average above this before the run starts means someone else is using the CPUs.
-BUSY_LOAD = 0.5
-
-
-class KernelMismatch(RuntimeError):
-    """A kernel's output disagrees with its reference: the benchmark must not report it."""
-
-
 # -- arguments --------------------------------------------------------------------------------
-def _parse_shapes(text: str) -> list[tuple[int, int]]:
-    shapes = []
-    for item in text.replace(" ", "").split(","):
-        if not item:
-            continue
-        try:
-            k, n = (int(v) for v in item.lower().split("x"))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"shape {item!r} is not KxN (e.g. 4096x11008)") from None
-        if k <= 0 or n <= 0:
-            raise argparse.ArgumentTypeError(f"shape {item!r} must be positive")
-        shapes.append((k, n))
-    if not shapes:
-        raise argparse.ArgumentTypeError("no shapes given")
-    return shapes
-
-
-def _parse_ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r} must list positive integers")
-    return values
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8), help="weight bits (default 4)")
     p.add_argument("--group-size", type=int, default=128,
@@ -155,11 +122,6 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
 
 
 # -- the variants -----------------------------------------------------------------------------
-def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    y, ref = y.double(), ref.double()
-    return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
-
-
 def _int4_reason(bits: int, K: int, N: int, group: int, device: str) -> str | None:
     """Why torch's int4 kernel cannot run this configuration (None if it can)."""
     if bits != 4:
@@ -217,12 +179,6 @@ def _torch_int4_cuda(qlin, K: int, N: int, group: int):
         return torch.ops.aten._weight_int4pack_mm(x_bf16, packed, group, sz)
 
     return call, packed.nbytes + sz.nbytes
-
-
-def _fmt_us(v: float | None) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.1f}" if v < 1000 else f"{v:,.0f}"
 
 
 def _run_shape(a, K: int, N: int, dev: torch.device, flush, log) -> list[dict]:
@@ -429,12 +385,6 @@ def _markdown(payload: dict) -> str:
     return "\n".join([
         f"# GPTQ kernel benchmark: {dev}, {c['bits']}-bit, group {c['group_size']}" +
         (" (quick)" if c["quick"] else ""), "", *facts, "", payload["table"], "", *notes, ""])
-
-
-def _busy(device: str, machine: dict) -> bool:
-    """CPU timings only: GPU kernel times hardly depend on the host's load (e.g. a build just before)."""
-    load = machine.get("load_avg_1m_at_start")
-    return device == "cpu" and load is not None and load > BUSY_LOAD
 
 
 def run(args: argparse.Namespace, log=print) -> dict:
