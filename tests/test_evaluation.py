@@ -165,3 +165,36 @@ def test_find_text_file(tmp_path, monkeypatch):
         find_text_file("persuasion")
     with pytest.raises(FileNotFoundError, match="--text-dir"):
         find_text_dir(tmp_path / "nowhere")
+
+
+# -- sentence embeddings (encoders) -----------------------------------------------------------------
+def test_text_sentences_splits_and_filters():
+    from slimformer.evaluation import text_sentences
+
+    text = ('CHAPTER I\n\nIt is a truth universally acknowledged, that a single man must want a wife. '
+            '"Do you not want to know who has taken it?" cried his wife impatiently.\nShort one. '
+            'Mr. Bennet replied that he had not, and the evening passed in _great_ quiet.')
+    got = text_sentences(text, min_words=5)
+    assert got == ["CHAPTER I It is a truth universally acknowledged, that a single man must want a wife.",
+                   '"Do you not want to know who has taken it?" cried his wife impatiently.',
+                   "Mr. Bennet replied that he had not, and the evening passed in great quiet."]
+    assert text_sentences(text, min_words=2, max_words=2) == ["Short one."]
+
+
+def test_sentence_embeddings_mean_pool_ignores_padding():
+    from transformers import BertConfig, BertModel
+
+    from slimformer.evaluation import embedding_cosine, sentence_embeddings
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=264, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=64, max_position_embeddings=128), add_pooling_layer=False).eval()
+    tok = tiny_tokenizer()
+    sentences = ["a b", "a much longer sentence than the first"]
+    together = sentence_embeddings(model, tok, sentences)
+    alone = torch.cat([sentence_embeddings(model, tok, [s]) for s in sentences])
+    assert together.shape == (2, 32)
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)  # padding changes nothing
+    torch.testing.assert_close(together.norm(dim=-1), torch.ones(2))
+    cos = embedding_cosine(together, together)
+    assert cos["n"] == 2 and abs(cos["mean"] - 1) < 1e-9 and cos["min"] <= cos["median"] <= 1 + 1e-9

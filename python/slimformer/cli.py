@@ -5,6 +5,7 @@
     slimformer info                      what this build contains and what this machine runs
     slimformer bench gptq [options]      GPTQ kernel vs torch dense and torch int4 (see --help)
     slimformer bench binary [options]    1-bit weight kernels vs torch dense (see --help)
+    slimformer bench binary-quality      binarized all-MiniLM-L6-v2 vs fp32: post-training vs distilled
     slimformer quantize MODEL --calib FILE... --out DIR [options]   GPTQ/RTN-quantize a model, save it
     slimformer eval MODEL --text FILE [options]                     perplexity, decode speed, memory
     slimformer demo [options]            SmolLM2-135M: fp32 vs GPTQ 4-bit, end to end (< 10 min on 2 cores)
@@ -69,7 +70,17 @@ def _add_bench_binary(bsub) -> None:
     p.set_defaults(func=lambda args: binary.run_cli(args))
 
 
-_BENCHMARKS: list[Callable] = [_add_bench_gptq, _add_bench_gptq_quality, _add_bench_binary]
+def _add_bench_binary_quality(bsub) -> None:
+    from .bench import binary_quality
+
+    p = bsub.add_parser("binary-quality", help=binary_quality.SUMMARY, description=binary_quality.DESCRIPTION,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    binary_quality.add_arguments(p)
+    p.set_defaults(func=lambda args: binary_quality.run_cli(args))
+
+
+_BENCHMARKS: list[Callable] = [_add_bench_gptq, _add_bench_gptq_quality, _add_bench_binary,
+                               _add_bench_binary_quality]
 
 
 def _fill_bench(p: argparse.ArgumentParser) -> None:

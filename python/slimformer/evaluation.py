@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Sequence
@@ -237,3 +238,53 @@ def model_memory_bytes(model: torch.nn.Module) -> int:
         seen.add(key)
         total += storage.nbytes()
     return total
+
+
+# -- sentence embeddings (encoders) -------------------------------------------------------------
+def text_sentences(path_or_text: str | os.PathLike, min_words: int = 6, max_words: int = 60) -> list[str]:
+    """The sentences of a text (a file path or the text itself), in order, whitespace-normalised.
+
+    Split after ``.``, ``!`` or ``?`` (optionally followed by a closing quote) and a space, but not
+    after titles such as ``Mr.``; only
+    sentences of ``min_words`` to ``max_words`` words are kept (chapter headings and run-ons drop out).
+    """
+    text = str(path_or_text)
+    if isinstance(path_or_text, os.PathLike) or ("\n" not in text and len(text) < 4096 and os.path.isfile(text)):
+        text = Path(path_or_text).read_text(encoding="utf-8")
+    text = re.sub(r"\s+", " ", text.replace("_", ""))
+    pieces: list[str] = []
+    for s in re.split(r"(?:(?<=[.!?])|(?<=[.!?][\"'”’]))\s+(?=[\"'“‘A-Z])", text):
+        if pieces and re.search(r"\b(?:Mr|Mrs|Ms|Dr|St|Col|Capt|Gen|Rev)\.$", pieces[-1]):
+            pieces[-1] += " " + s  # "Mr. Bennet" does not end a sentence
+        else:
+            pieces.append(s)
+    out = []
+    for s in pieces:
+        n = len(s.split())
+        if min_words <= n <= max_words:
+            out.append(s.strip())
+    return out
+
+
+@torch.no_grad()
+def sentence_embeddings(model: torch.nn.Module, tokenizer, sentences: Sequence[str], batch_size: int = 64,
+                        max_length: int = 128) -> torch.Tensor:
+    """Mean-pooled (over non-padding tokens), L2-normalised ``last_hidden_state``: float32
+    ``[len(sentences), hidden]`` (the sentence-transformers recipe of all-MiniLM-L6-v2)."""
+    device = _device_of(model)
+    chunks = []
+    for i in range(0, len(sentences), batch_size):
+        enc = tokenizer(list(sentences[i:i + batch_size]), padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt").to(device)
+        hidden = model(**enc).last_hidden_state.float()
+        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
+        chunks.append(F.normalize(pooled, dim=-1).cpu())
+    return torch.cat(chunks)
+
+
+def embedding_cosine(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """Row-wise cosine of two ``[n, d]`` embedding sets: mean, median, 5th percentile and min."""
+    cos = F.cosine_similarity(a.double(), b.double(), dim=-1)
+    return {"mean": float(cos.mean()), "median": float(cos.median()), "p05": float(torch.quantile(cos, 0.05)),
+            "min": float(cos.min()), "n": int(cos.numel())}

