@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check (GUIDE.md section 6), one call on the GPU machine, about 8 minutes at most:
 #   build for the local arch only -> build info -> CUDA tests -> compute-sanitizer memcheck ->
-#   GPU benchmark -> CPU tests -> racecheck / initcheck of the shared-memory kernel (if time is left)
+#   GPU benchmarks (GPTQ, binary) -> CPU tests -> racecheck / initcheck of the shared-memory kernel (if time is left)
 # and a report (report.md, report.json, logs/) under $OUT (default ./gpu_report). Every step has a
 # time limit within a total budget; a failing step is recorded, never fatal. Without a GPU the GPU
 # steps are recorded as skipped ("no GPU"), so the script can be dry-run anywhere.
@@ -125,6 +125,11 @@ elif ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('
 else
   run_step bench 150 "$PY" -m slimformer.bench gptq --device cuda --out "$OUT/bench"
 fi
+if [[ -z "$CC" ]]; then
+  skip_step bench_binary "no GPU"
+else
+  run_step bench_binary 90 "$PY" -m slimformer.bench binary --device cuda --budget 1.5 --out "$OUT/bench_binary"
+fi
 
 run_step cpu_tests 120 "$PY" -m pytest -m "not cuda" -q -p no:cacheprovider "${XDIST[@]}" tests
 
@@ -173,13 +178,14 @@ for line in (logs / "info.log").read_text().splitlines() if (logs / "info.log").
     if value.strip():
         facts[key.strip()] = value.strip()
 
-bench_md = sorted((out / "bench").glob("**/*.md"), key=lambda p: p.stat().st_mtime) if (out / "bench").exists() else []
+bench_md = [p for d in ("bench", "bench_binary") if (out / d).exists()
+            for p in sorted((out / d).glob("*_latest.md"))]
 report = {
     "date": subprocess.run(["date", "-u", "+%FT%TZ"], capture_output=True, text=True).stdout.strip(),
     "commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain")),
     "gpu": gpu or None, "cuda_arch": arch or None, "total_seconds": total,
     "build_info": facts, "ptxas": ptxas, "steps": steps,
-    "bench_report": str(bench_md[-1].relative_to(out)) if bench_md else None,
+    "bench_reports": [str(p.relative_to(out)) for p in bench_md],
 }
 (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
 
@@ -193,8 +199,8 @@ if ptxas:
     md += [f"- ptxas: {ptxas['kernels']} kernels, max {ptxas['max_registers']} registers, "
            f"{ptxas['kernels_spilling']} spilling, {ptxas['kernels_with_stack']} with a stack frame", ""]
 md += table
-if bench_md:
-    md += ["", "## Benchmark", "", bench_md[-1].read_text()]
+for p in bench_md:
+    md += ["", f"## Benchmark: {p.parent.name}", "", p.read_text()]
 (out / "report.md").write_text("\n".join(md) + "\n")
 print("\n" + "\n".join(table))
 print(f"\nreport: {out / 'report.md'}")
