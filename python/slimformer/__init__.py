@@ -32,8 +32,8 @@ _check_torch_matches_build()
 
 from . import _C  # noqa: E402  (registers torch.ops.slimformer.*)
 from . import ops  # noqa: E402  (fake impls for torch.compile / FakeTensor)
-from .nn import QuantLinear  # noqa: E402
+from .nn import BinaryLinear, QuantLinear  # noqa: E402
 
 __version__ = _C.__version__
 
-__all__ = ["QuantLinear", "ops", "__version__"]
+__all__ = ["BinaryLinear", "QuantLinear", "ops", "__version__"]

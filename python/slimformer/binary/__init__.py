@@ -1,8 +1,47 @@
 """Binary transformers (BiT / BiPFT): 1-bit weights, optionally 1-bit activations.
 
-Bit layout and packing: :mod:`slimformer.binary.packing`; op semantics:
-:mod:`slimformer.binary.reference`.
+- :func:`binarize` (model in place -> trainable binarized model; :class:`BinarizeConfig`),
+  :func:`freeze` (-> packed inference model with :class:`slimformer.nn.BinaryLinear`),
+  ``distill`` (knowledge distillation, :mod:`slimformer.binary.distill`).
+- Training modules and quantizers: :class:`BinaryTrainLinear`, :mod:`slimformer.binary.quantizers`
+  (:class:`ElasticBinarizer`, :class:`WeightBinarizer`, :func:`surrogate`), binarized attention
+  :mod:`slimformer.binary.attention`.
+- Bit layout and packing: :mod:`slimformer.binary.packing`; op semantics:
+  :mod:`slimformer.binary.reference`.
 """
+from .config import BinarizeConfig
 from .packing import LAYOUT_VERSION, binarize_weight, pack_signs, packed_shape, unpack_signs
+from .quantizers import ElasticBinarizer, WeightBinarizer, surrogate
+from .train_linear import BinaryTrainLinear
 
-__all__ = ["LAYOUT_VERSION", "binarize_weight", "pack_signs", "packed_shape", "unpack_signs"]
+# binarize/freeze import slimformer.nn (whose BinaryLinear imports this package) and distill imports
+# transformers: loaded on first use (PEP 562).
+_LAZY = {"binarize": "binarize", "freeze": "binarize", "BinaryAttention": "attention", "distill": "distill"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "LAYOUT_VERSION",
+    "BinarizeConfig",
+    "BinaryAttention",
+    "BinaryTrainLinear",
+    "ElasticBinarizer",
+    "WeightBinarizer",
+    "binarize",
+    "binarize_weight",
+    "distill",
+    "freeze",
+    "pack_signs",
+    "packed_shape",
+    "surrogate",
+    "unpack_signs",
+]

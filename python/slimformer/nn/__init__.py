@@ -1,4 +1,5 @@
 """Drop-in ``nn.Module`` replacements backed by slimformer kernels."""
+from .binary_linear import BinaryLinear
 from .quant_linear import QuantLinear
 
-__all__ = ["QuantLinear"]
+__all__ = ["BinaryLinear", "QuantLinear"]

@@ -49,3 +49,55 @@ def _binary_gemm_a1_fake(x, qweight, alpha, bias, act_scale, act_shift, in_featu
 
 torch.library.register_fake("slimformer::binary_gemm")(_binary_gemm_fake)
 torch.library.register_fake("slimformer::binary_gemm_a1")(_binary_gemm_a1_fake)
+
+
+# -- autograd -------------------------------------------------------------------------------------
+# W1A-fp: y = alpha * (x @ S^T) + bias  ->  grad_x = (grad * alpha) @ S, grad_bias = sum(grad).
+# The weights (qweight, alpha) are constants of an inference module: no gradient. W1A1 binarizes
+# x (a sign), whose gradient is zero almost everywhere: its backward raises rather than return zeros
+# silently; train with slimformer.binary.BinaryTrainLinear (straight-through estimators) instead.
+# Registered only where the C++ library did not already give the op an Autograd kernel.
+def _binary_gemm_setup_context(ctx, inputs, output):
+    x, qweight, alpha, bias, in_features = inputs
+    ctx.save_for_backward(qweight, alpha)
+    ctx.in_features = in_features
+    ctx.x_dtype = x.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _binary_gemm_backward(ctx, grad):
+    from ..binary.packing import unpack_signs
+
+    qweight, alpha = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        s = unpack_signs(qweight, alpha.shape[0], ctx.in_features)          # [N, K] float32
+        grad_x = ((grad.to(torch.float32) * alpha) @ s).to(ctx.x_dtype)
+    if ctx.needs_input_grad[3]:
+        grad_bias = grad.to(torch.float32).reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, grad_bias, None
+
+
+def _binary_gemm_a1_setup_context(ctx, inputs, output):
+    pass
+
+
+def _binary_gemm_a1_backward(ctx, grad):
+    raise RuntimeError("slimformer::binary_gemm_a1 (W1A1 BinaryLinear) has no gradient: its input is binarized "
+                       "with sign(). Train with slimformer.binary.BinaryTrainLinear (straight-through "
+                       "estimators, slimformer.binary.binarize) and freeze afterwards.")
+
+
+def _has_autograd_kernel(op: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(op, "Autograd")
+    except Exception:  # pragma: no cover - private API changed
+        return False
+
+
+if not _has_autograd_kernel("slimformer::binary_gemm"):
+    torch.library.register_autograd("slimformer::binary_gemm", _binary_gemm_backward,
+                                    setup_context=_binary_gemm_setup_context)
+if not _has_autograd_kernel("slimformer::binary_gemm_a1"):
+    torch.library.register_autograd("slimformer::binary_gemm_a1", _binary_gemm_a1_backward,
+                                    setup_context=_binary_gemm_a1_setup_context)

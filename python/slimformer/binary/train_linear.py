@@ -1,0 +1,95 @@
+"""BinaryTrainLinear: the training-time form of a binarized linear layer (fp weights + STE)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quantizers import ElasticBinarizer, WeightBinarizer
+
+ACTIVATIONS = ("fp", "binary")
+
+
+class BinaryTrainLinear(nn.Module):
+    """y = q_in(x) @ q_w(W)^T + b with straight-through gradients to W, b and the input quantizer.
+
+    - ``weight`` Parameter [out_features, in_features] (nn.Linear orientation, also for GPT-2's
+      Conv1D), ``bias`` Parameter [out_features] or None: the latent full-precision weights.
+    - ``weight_quantizer``: :class:`~slimformer.binary.quantizers.WeightBinarizer` (BWN,
+      ``alpha * sign(W - mean_row W)``, identity STE or clipped).
+    - ``input_quantizer``: for ``activations="binary"`` a signed
+      :class:`~slimformer.binary.quantizers.ElasticBinarizer` with learnable scale and shift
+      (``b + a * sign(x - b)``), else None.
+
+    x: (..., in_features) -> (..., out_features), x's dtype. The forward computes exactly the
+    binarized layer; :meth:`to_binary_linear` packs it into an inference
+    :class:`slimformer.nn.BinaryLinear` computing the same function (up to float rounding).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, activations: str = "fp",
+                 weight_clip: float | None = None, device=None, dtype=None):
+        super().__init__()
+        if activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+        self.in_features, self.out_features, self.activations = in_features, out_features, activations
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
+        self.weight_quantizer = WeightBinarizer(weight_clip)
+        self.input_quantizer = (ElasticBinarizer(signed=True, shift=True, device=device)
+                                if activations == "binary" else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, activations: str = "fp", weight_clip: float | None = None
+                    ) -> "BinaryTrainLinear":
+        """From an nn.Linear (its weight and bias Parameters are reused, not copied) or a
+        transformers Conv1D (weight transposed into a new Parameter)."""
+        from ..nn.binary_linear import conv1d_type
+
+        Conv1D = conv1d_type()
+        if Conv1D is not None and isinstance(linear, Conv1D):
+            weight = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=linear.weight.requires_grad)
+        elif isinstance(linear, nn.Linear):
+            weight = linear.weight
+        else:
+            raise TypeError(f"expected torch.nn.Linear or transformers Conv1D, got {type(linear).__name__}")
+        out_features, in_features = weight.shape
+        mod = cls(in_features, out_features, bias=linear.bias is not None, activations=activations,
+                  weight_clip=weight_clip, device="meta")
+        mod.weight = weight
+        mod.bias = linear.bias
+        if mod.input_quantizer is not None:
+            mod.input_quantizer = ElasticBinarizer(signed=True, shift=True, device=weight.device)
+        return mod
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight_quantizer(self.weight)
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        bias = self.bias
+        if w.dtype != x.dtype:
+            w = w.to(x.dtype)
+            bias = None if bias is None else bias.to(x.dtype)
+        return F.linear(x, w, bias)
+
+    def to_binary_linear(self, allow_uninitialized: bool = False):
+        """The packed inference layer (:class:`slimformer.nn.BinaryLinear`) with the same weights
+        and input quantizer values. Raises if the input quantizer was never run on data, unless
+        ``allow_uninitialized`` (e.g. to build a module that load_state_dict fills afterwards)."""
+        from ..nn.binary_linear import BinaryLinear
+        from .packing import binarize_weight
+
+        positive, alpha = binarize_weight(self.weight)
+        bias = None if self.bias is None else self.bias.detach()
+        kw = {}
+        if self.input_quantizer is not None:
+            q = self.input_quantizer
+            if not bool(q.initialized) and not allow_uninitialized:
+                raise RuntimeError("the input quantizer of this BinaryTrainLinear was never initialised: run at least "
+                                   "one forward pass on data before freezing (its scale comes from the first batch)")
+            kw = dict(act_scale=q.scale.detach(), act_shift=q.shift.detach())
+        return BinaryLinear.from_signs(positive, alpha, bias, activations=self.activations, **kw)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"activations={self.activations!r}")
