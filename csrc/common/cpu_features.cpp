@@ -77,6 +77,15 @@ bool cpu_supports_avx512vnni() {
 #endif
 }
 
+bool cpu_supports_avx512vpopcntdq() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool ok = cpu_supports_avx512vnni() && __builtin_cpu_supports("avx512vpopcntdq");
+  return ok;
+#else
+  return false;
+#endif
+}
+
 CpuIsa active_cpu_isa() { return static_cast<CpuIsa>(isa_slot().load(std::memory_order_relaxed)); }
 
 bool set_cpu_isa(const char* name) {

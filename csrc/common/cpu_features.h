@@ -14,6 +14,9 @@ bool cpu_supports_avx2();
 bool cpu_supports_avxvnni();
 // True when it also supports AVX-512 F/BW/VL/VNNI (Intel Ice Lake+ servers, AMD Zen 4+).
 bool cpu_supports_avx512vnni();
+// True when it also supports AVX512_VPOPCNTDQ (vpopcntd/q; Intel Ice Lake+, AMD Zen 4+). Not an ISA
+// level of its own: kernels that need it check it at level kAvx512Vnni and fall back to AVX2.
+bool cpu_supports_avx512vpopcntdq();
 
 // The implementation the kernels use now: the best supported one unless forced to scalar by
 // set_cpu_isa() or capped by the SLIMFORMER_CPU_ISA environment variable (read once at start-up).
