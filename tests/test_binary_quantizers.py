@@ -192,3 +192,29 @@ def test_train_linear_from_conv1d_and_errors():
         BinaryTrainLinear(4, 4, activations="int8")
     with pytest.raises(RuntimeError, match="never initialised"):
         BinaryTrainLinear(40, 8, activations="binary").to_binary_linear()
+
+
+@pytest.mark.parametrize("clip", [None, 0.05])
+@pytest.mark.parametrize("activations", ["fp", "binary"])
+def test_train_linear_gradients_equal_the_plain_ste_formulation(activations, clip):
+    """The factorised forward (kernel order) has the gradients of F.linear(q_in(x), q_w(W)) + b."""
+    lin = nn.Linear(40, 13)
+    t = BinaryTrainLinear.from_linear(lin, activations=activations, weight_clip=clip)
+    x = torch.randn(2, 5, 40)
+    with torch.no_grad():
+        t(x)  # initialise the input quantizer
+    g = torch.randn(2, 5, 13)
+    xa = x.clone().requires_grad_(True)
+    (t(xa) * g).sum().backward()
+    got = [xa.grad, lin.weight.grad, lin.bias.grad] + [p.grad for p in t.input_quantizer.parameters()] \
+        if t.input_quantizer is not None else [xa.grad, lin.weight.grad, lin.bias.grad]
+    grads = [p.grad.clone() for p in [lin.weight, lin.bias] + list(t.parameters())[2:]]
+    for p in t.parameters():
+        p.grad = None
+    xb = x.clone().requires_grad_(True)
+    xin = t.input_quantizer(xb) if t.input_quantizer is not None else xb
+    (torch.nn.functional.linear(xin, t.weight_quantizer(lin.weight), lin.bias) * g).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-5)
+    for before, p in zip(grads, [lin.weight, lin.bias] + list(t.parameters())[2:]):
+        torch.testing.assert_close(before, p.grad, rtol=1e-5, atol=1e-5)
+    assert len(got) == (5 if activations == "binary" else 3)

@@ -84,23 +84,33 @@ class ElasticBinarizer(nn.Module):
         self.scale.copy_(a)
         self.initialized.fill_(True)
 
+    def code(self, x: torch.Tensor) -> torch.Tensor:
+        """Signed only: the +-1 code u of x as float32 with the STE attached, so that the forward
+        is ``shift + scale * u`` (u equals sign(x - shift) exactly; its gradient w.r.t. x, scale and
+        shift is that of clamp((x - shift) / scale, -1, 1))."""
+        if not self.signed:
+            raise ValueError("code() is defined for signed binarizers only")
+        if not bool(self.initialized):
+            self.initialize(x)
+        xf = x.to(torch.float32)
+        b = self.shift.to(torch.float32) if self.shift is not None else None
+        h = torch.where(xf >= (b if b is not None else 0.0), 1.0, -1.0)
+        if self.frozen or not torch.is_grad_enabled():
+            return h
+        z = xf - b if b is not None else xf
+        c = torch.clamp(z / self.scale.to(torch.float32), -1.0, 1.0)
+        return h + (c - c.detach())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not bool(self.initialized):
             self.initialize(x)
         a = self.scale.to(torch.float32)
-        xf = x.to(torch.float32)
-        b = self.shift.to(torch.float32) if self.shift is not None else None
         if self.signed:
-            h = torch.where(xf >= (b if b is not None else 0.0), 1.0, -1.0)
-            if self.frozen or not torch.is_grad_enabled():
-                q = a * h
-            else:
-                z = xf - b if b is not None else xf
-                c = torch.clamp(z / a, -1.0, 1.0)
-                q = a * (h + (c - c.detach()))
-            if b is not None:
-                q = q + b
+            q = a * self.code(x)
+            if self.shift is not None:
+                q = q + self.shift.to(torch.float32)
         else:
+            xf = x.to(torch.float32)
             r = torch.round(torch.clamp(xf / a, 0.0, 1.0)).detach()
             if self.frozen or not torch.is_grad_enabled():
                 q = a * r

@@ -5,9 +5,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .packing import binarize_weight
 from .quantizers import ElasticBinarizer, WeightBinarizer
 
 ACTIVATIONS = ("fp", "binary")
+
+
+class _WeightGrad(torch.autograd.Function):
+    """Identity on y; backward adds dL/dWq = g^T x_q (the gradient of y = x_q @ Wq^T w.r.t. Wq),
+    which the weight STE (in Wq's graph) passes on to the latent weight."""
+
+    @staticmethod
+    def forward(ctx, y, wq, xq):
+        ctx.save_for_backward(xq)
+        ctx.wq_dtype = wq.dtype
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        (xq,) = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1]).to(torch.float32)
+        grad_w = (g2.t() @ xq.reshape(-1, xq.shape[-1]).to(torch.float32)).to(ctx.wq_dtype)
+        return g, grad_w, None
 
 
 class BinaryTrainLinear(nn.Module):
@@ -63,21 +82,38 @@ class BinaryTrainLinear(nn.Module):
         return mod
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight_quantizer(self.weight)
-        if self.input_quantizer is not None:
-            x = self.input_quantizer(x)
-        bias = self.bias
-        if w.dtype != x.dtype:
-            w = w.to(x.dtype)
-            bias = None if bias is None else bias.to(x.dtype)
-        return F.linear(x, w, bias)
+        # Computed in the factorised order of the inference kernels, so that a frozen model
+        # reproduces the training model's signs downstream (W1A1 outputs are often exact ties
+        # such as 0, whose sign a different rounding order would flip):
+        #   fp:     y = alpha * (x @ S^T) + bias
+        #   binary: y = alpha * (a * (u @ S^T) + b * S.sum(1)) + bias,  u = sign(x - b) (exact integers)
+        # Gradients: x, a, b through these expressions (with the input STE in u); W through the
+        # weight STE as if y = x_q @ (alpha S)^T (identity or clipped), see _WeightGrad.
+        positive, alpha = binarize_weight(self.weight)
+        wq = self.weight_quantizer(self.weight)               # alpha * S with the weight STE
+        if self.input_quantizer is None:
+            s = torch.where(positive, 1.0, -1.0).to(x.dtype)
+            y = (x @ s.t()).to(torch.float32) * alpha
+            xq = x.detach()
+        else:
+            q = self.input_quantizer
+            u = q.code(x)                                     # +-1, float32, STE attached
+            s = torch.where(positive, 1.0, -1.0)
+            a, b = q.scale.to(torch.float32), q.shift.to(torch.float32)
+            y = alpha * (a * (u @ s.t()) + b * s.sum(1))
+            xq = (b + a * u).detach()
+        if self.bias is not None:
+            y = y + self.bias.to(torch.float32)
+        y = y.to(x.dtype)
+        if torch.is_grad_enabled() and wq.requires_grad:
+            y = _WeightGrad.apply(y, wq, xq)
+        return y
 
     def to_binary_linear(self, allow_uninitialized: bool = False):
         """The packed inference layer (:class:`slimformer.nn.BinaryLinear`) with the same weights
         and input quantizer values. Raises if the input quantizer was never run on data, unless
         ``allow_uninitialized`` (e.g. to build a module that load_state_dict fills afterwards)."""
         from ..nn.binary_linear import BinaryLinear
-        from .packing import binarize_weight
 
         positive, alpha = binarize_weight(self.weight)
         bias = None if self.bias is None else self.bias.detach()
