@@ -287,3 +287,23 @@ def test_bad_input():
     binarize(model)
     with pytest.raises(ValueError, match="already binarized"):
         binarize(model)
+
+
+@pytest.mark.parametrize("activations", ["fp", "binary"])
+def test_bf16_train_and_freeze(activations):
+    model = make("llama").to(torch.bfloat16)
+    binarize(model, activations=activations, binarize_attention=True)
+    model.train()
+    ids = torch.randint(0, VOCAB, (2, 7))
+    y = output(model, ids)
+    assert y.dtype == torch.bfloat16
+    y.float().pow(2).mean().backward()
+    assert model.model.layers[0].mlp.up_proj.weight.grad.dtype == torch.bfloat16
+    model.eval()
+    calibrate(model)
+    with torch.no_grad():
+        expect = output(model, ids).float()
+        freeze(model)
+        assert all(m.alpha.dtype == torch.float32 for m in model.modules() if isinstance(m, BinaryLinear))
+        got = output(model, ids).float()
+    assert float((got - expect).norm() / expect.norm()) < 2e-2
