@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "binary/binary_cuda_test_hooks.h"
 #include "common/cpu_features.h"
 #include "gptq/gptq_cuda_test_hooks.h"
 #include "gptq/gptq_format.h"
@@ -78,4 +79,6 @@ PYBIND11_MODULE(_C, m) {
   // ---- CUDA kernel test hooks: _test_cuda_* (index/bit math and a host replay of the kernels;
   // torch- and CUDA-free, so present in CPU-only builds too). See gptq/gptq_cuda_test_hooks.h.
   gptq::cuda::test_hooks::add(m);
+  // _test_binary_cuda_*: the binary CUDA kernels' math and host replays (binary/binary_cuda_test_hooks.h).
+  binary::cuda::test_hooks::add(m);
 }

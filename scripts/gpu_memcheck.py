@@ -7,7 +7,11 @@ Each result is compared with the CPU op so that a wrong answer also fails the ru
 PYTORCH_NO_CUDA_MEMORY_CACHING=1 so that every tensor is its own allocation and an out-of-bounds
 access cannot land silently inside torch's memory pool.
 
-``--only gemv`` limits the run to the shared-memory kernel (for racecheck / synccheck, which are slow).
+Binary (1-bit) ops: the gemv kernel with one split and with split-K (+ finish kernel), token tiles
+1/2/4/8, N % 16 != 0 and K % 32 != 0 tails, the large-batch unpack + cuBLAS path, and the W1A1 pack
++ popcount kernels (several token tiles and row groups); compared with the fp64 references.
+
+``--only gemv`` limits the run to the shared-memory kernels (for racecheck / synccheck, which are slow).
 """
 from __future__ import annotations
 
@@ -56,6 +60,37 @@ def gemm_case(name, K, N, bits, gs, M, dtype=torch.float16, act_order=False, per
           1e-4 if dtype == torch.float32 else 2e-2)
 
 
+def binary_case(name, M, K, N, dtype=torch.float16, a1=False, bias=True):
+    from slimformer.binary import pack_signs
+    from slimformer.binary.reference import binary_linear_a1_reference, binary_linear_reference
+
+    qw = pack_signs(torch.rand(N, K) < 0.5)
+    alpha = torch.rand(N) + 0.25
+    b = torch.randn(N) if bias else None
+    x = torch.randn(M, K).to(dtype)
+    cu = [t.cuda() if t is not None else None for t in (x, qw, alpha, b)]
+    if a1:
+        scale, shift = torch.tensor(0.5), torch.tensor(0.1)
+        got = ops.binary_gemm_a1(*cu, scale.cuda(), shift.cuda(), K)
+        want = binary_linear_a1_reference(x, qw, alpha, b, scale, shift, K)
+    else:
+        got = ops.binary_gemm(*cu, K)
+        want = binary_linear_reference(x, qw, alpha, b, K)
+    torch.cuda.synchronize()
+    check(f"binary {'w1a1' if a1 else 'w1afp'} {name} M={M} K={K} N={N} {str(dtype)[6:]}", got, want,
+          1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def binary_cases() -> None:
+    binary_case("gemv one split", 1, 100, 17, torch.float32)
+    binary_case("gemv split-k", 3, 4096 + 33, 20, torch.bfloat16)
+    binary_case("gemv tile 8, two tiles", 13, 1000, 33)
+    binary_case("unpack+cublas", 70, 100, 15, bias=False)
+    binary_case("pack+popcount", 1, 31, 1, torch.float32, a1=True)
+    binary_case("pack+popcount", 33, 1000, 100, a1=True)
+    binary_case("pack+popcount groups", 70, 576, 130, torch.bfloat16, a1=True, bias=False)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", choices=("all", "gemv"), default="all")
@@ -75,6 +110,7 @@ def main() -> int:
         gemm_case("bits", 576, 130 if bits == 3 else 132, bits, 128, 3, act_order=bits == 8)
     gemm_case("row tile 8", 512, 96, 4, -1, 8)
     gemm_case("two row tiles", 512, 97, 3, 32, 16, bias=True)
+    binary_cases()
     if args.only == "gemv":
         return 0
     gemm_case("dequant+cublas", 576, 131, 4, 128, 33, perm=True, bias=True)
