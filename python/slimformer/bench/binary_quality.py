@@ -122,12 +122,12 @@ def run(args: argparse.Namespace, log=print) -> dict:
         ckpt = args.checkpoint_dir / mode if args.checkpoint_dir else None
         t0 = time.perf_counter()
         history = binary.distill(student, teacher, batches, steps=args.steps, lr=args.lr,
-                                 teacher_intervention_steps=args.teacher_intervention,
-                                 checkpoint_dir=ckpt, resume=ckpt is not None, seed=args.seed)
+                                 intervention_steps=args.teacher_intervention, checkpoint_dir=ckpt,
+                                 checkpoint_every=100 if ckpt else 0, resume=ckpt is not None)
         seconds = time.perf_counter() - t0
         frozen = binary.freeze(student.eval())
         cos = embedding_cosine(sentence_embeddings(frozen, tokenizer, held_out), ref)
-        last = history[-1] if history else {}
+        last = history[-1]["losses"] if history else {}
         results.append({"mode": mode, "variant": "distilled", "steps": args.steps, "seconds": seconds,
                         "cosine": cos, "bytes": model_memory_bytes(frozen), "linear_bytes": _linear_bytes(frozen),
                         "final_losses": {k: v for k, v in last.items() if isinstance(v, float)}})

@@ -2,7 +2,7 @@
 
 - :func:`binarize` (model in place -> trainable binarized model; :class:`BinarizeConfig`),
   :func:`freeze` (-> packed inference model with :class:`slimformer.nn.BinaryLinear`),
-  ``distill`` (knowledge distillation, :mod:`slimformer.binary.distill`).
+  ``distill`` (knowledge distillation, :mod:`slimformer.binary.distillation`).
 - Training modules and quantizers: :class:`BinaryTrainLinear`, :mod:`slimformer.binary.quantizers`
   (:class:`ElasticBinarizer`, :class:`WeightBinarizer`, :func:`surrogate`), binarized attention
   :mod:`slimformer.binary.attention`.
@@ -16,7 +16,7 @@ from .train_linear import BinaryTrainLinear
 
 # binarize/freeze import slimformer.nn (whose BinaryLinear imports this package) and distill imports
 # transformers: loaded on first use (PEP 562).
-_LAZY = {"binarize": "binarize", "freeze": "binarize", "BinaryAttention": "attention", "distill": "distill"}
+_LAZY = {"binarize": "patching", "freeze": "patching", "BinaryAttention": "attention", "distill": "distillation"}
 
 
 def __getattr__(name: str):

@@ -63,7 +63,7 @@ class BinaryTrainLinear(nn.Module):
                     ) -> "BinaryTrainLinear":
         """From an nn.Linear (its weight and bias Parameters are reused, not copied) or a
         transformers Conv1D (weight transposed into a new Parameter)."""
-        from ..nn.binary_linear import conv1d_type
+        from ..blocks import conv1d_type
 
         Conv1D = conv1d_type()
         if Conv1D is not None and isinstance(linear, Conv1D):

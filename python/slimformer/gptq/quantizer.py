@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..blocks import find_blocks, set_submodule
 from ..nn.quant_linear import QuantLinear
 from .config import GPTQConfig
 from .packing import zero_offset
@@ -75,32 +76,9 @@ class QuantizeReport:
 
 
 # -- model structure ----------------------------------------------------------------------------
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's repeated blocks: the ModuleList of same-class modules holding the most linear
-    layers (``model.layers`` for Llama/Qwen2, ``transformer.h`` for GPT-2, ``decoder.layers`` for
-    OPT, ``encoder.layer`` for BERT)."""
-    best, best_count = None, 0
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
-            continue
-        if len({type(m) for m in mod}) != 1:
-            continue
-        count = sum(isinstance(m, LINEAR_TYPES + (QuantLinear,)) for m in mod.modules())
-        if count > best_count:
-            best, best_count = (name, mod), count
-    if best is None:
-        raise ValueError(f"{type(model).__name__}: no list of blocks with linear layers found to quantize")
-    return best
-
-
 def _linear_weight(layer: nn.Module) -> torch.Tensor:
     """The weight as [out, in] (Conv1D stores [in, out])."""
     return layer.weight.t() if Conv1D and isinstance(layer, Conv1D) else layer.weight
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
 # -- calibration data ---------------------------------------------------------------------------
@@ -422,7 +400,7 @@ def _quantize_output_layer(model: nn.Module, head: tuple[str, nn.Module], batche
         grid, loss = quantize_layer(weight, hessian, cfg.bits, cfg.group_size, cfg.sym, cfg.desc_act,
                                     cfg.damp_percent, cfg.static_groups, block_size,
                                     min_zero=zero_offset(cfg.checkpoint_format), mse=cfg.mse)
-    _set_submodule(model, name, _quantized(layer, grid, cfg))
+    set_submodule(model, name, _quantized(layer, grid, cfg))
     if getattr(model.config, "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False  # the embeddings keep their full-precision weight
     report.layers.append(LayerStats(name, loss, time.perf_counter() - t0))
@@ -434,7 +412,7 @@ def _quantize_rtn(blocks: nn.ModuleList, cfg: GPTQConfig, report: QuantizeReport
         for name, layer in [(n, m) for n, m in block.named_modules() if isinstance(m, LINEAR_TYPES)]:
             t0 = time.perf_counter()
             grid = round_to_nearest(_linear_weight(layer), cfg.bits, cfg.group_size, cfg.sym, min_zero, cfg.mse)
-            _set_submodule(block, name, _quantized(layer, grid, cfg))
+            set_submodule(block, name, _quantized(layer, grid, cfg))
             report.layers.append(LayerStats(name, 0.0, time.perf_counter() - t0))
 
 
@@ -472,7 +450,7 @@ def _quantize_gptq(model, blocks, batches, cfg: GPTQConfig, block_size: int, dev
                 grid, loss = quantize_layer(_linear_weight(layer), hessians[step.sources[name]], cfg.bits,
                                             cfg.group_size, cfg.sym, cfg.desc_act, cfg.damp_percent,
                                             cfg.static_groups, block_size, min_zero=min_zero, mse=cfg.mse)
-                _set_submodule(block, name, _quantized(layer, grid, cfg))
+                set_submodule(block, name, _quantized(layer, grid, cfg))
                 full = f"{i}.{name}"
                 report.layers.append(LayerStats(full, loss, time.perf_counter() - t0))
                 losses.append((loss, name))

@@ -1,23 +1,16 @@
 """BinaryLinear: an inference ``nn.Linear`` with 1-bit weights (BWN) and fp or 1-bit inputs."""
 from __future__ import annotations
 
-import sys
 
 import torch
 from torch import nn
 
+from ..blocks import conv1d_type
 from ..binary.packing import LAYOUT_VERSION, binarize_weight, check_packed, pack_signs, packed_shape, unpack_signs
 from ..ops.binary import binary_gemm, binary_gemm_a1
 
 ACTIVATIONS = ("fp", "binary")
 _FP32_BUFFERS = ("alpha", "act_scale", "act_shift")
-
-
-def conv1d_type():
-    """transformers' Conv1D class (GPT-2 family, weight stored [in, out]) if transformers is
-    imported, else None (a Conv1D instance implies it is: ``import slimformer`` stays light)."""
-    module = sys.modules.get("transformers.pytorch_utils")
-    return getattr(module, "Conv1D", None)
 
 
 def _linear_weight_and_bias(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -92,6 +92,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..blocks import find_blocks
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["distill", "intervention_lambda", "latest_checkpoint"]
@@ -134,30 +136,6 @@ class _LRSchedule:
 
 
 # -- model helpers ------------------------------------------------------------------------------
-def _find_blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's transformer blocks (BERT ``encoder.layer``, Llama ``model.layers``, GPT-2
-    ``transformer.h``): :func:`slimformer.gptq.quantizer.find_blocks` (the list of same-class
-    modules holding the most linear layers), else -- when the linear layers have been replaced by
-    modules that are not ``nn.Linear``, as in a binarized student -- the list of same-class modules
-    holding the most parameters. (``slimformer.binary.binarize.find_blocks`` is not imported here:
-    importing that submodule first would shadow the package's lazy ``binarize`` function.)"""
-    try:
-        from slimformer.gptq.quantizer import find_blocks
-
-        return list(find_blocks(model)[1])
-    except (ImportError, ValueError):
-        pass
-    best, best_count = None, 0
-    for mod in model.modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) and len({type(m) for m in mod}) == 1:
-            count = sum(p.numel() for p in mod.parameters())
-            if count > best_count:
-                best, best_count = mod, count
-    if best is None:
-        raise ValueError(f"{type(model).__name__}: no list of transformer blocks found for teacher intervention")
-    return list(best)
-
-
 def _device_of(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -653,7 +631,7 @@ def distill(
                 if first is not None:
                     stream = _chain_first(first, stream)
             if intervention_steps > start:
-                blocks = _find_blocks(student)
+                blocks = list(find_blocks(student)[1])
                 if layer_map is not None and len(layer_map) != len(blocks):
                     raise ValueError(f"layer_map has {len(layer_map)} entries but the student has {len(blocks)} blocks")
                 sources = [0] + [(layer_map[i - 1] + 1 if layer_map is not None else i) for i in range(1, len(blocks))]
@@ -805,17 +783,3 @@ def _layer_pairs(n_student: int, n_teacher: int, layer_map: Sequence[int] | None
     if any(not 0 <= j < n_teacher for j in layer_map):
         raise ValueError(f"layer_map entries must be teacher layers 0..{n_teacher - 1}, got {list(layer_map)}")
     return list(enumerate(layer_map))
-
-
-class _CallableModule(type(os)):
-    """``slimformer.binary.distill`` is both this module and its function: once the submodule has
-    been imported, the package attribute is the module, so make calling the module call
-    :func:`distill`."""
-
-    def __call__(self, *args, **kwargs):
-        return distill(*args, **kwargs)
-
-
-import sys as _sys  # noqa: E402
-
-_sys.modules[__name__].__class__ = _CallableModule

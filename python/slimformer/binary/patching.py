@@ -27,7 +27,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..nn.binary_linear import BinaryLinear, conv1d_type
+from ..blocks import conv1d_type, find_blocks as _find_block_list, set_submodule
+from ..nn.binary_linear import BinaryLinear
 from .attention import ATTN_IMPLEMENTATION, MODULE_ATTR, BinaryAttention, capture_hidden_pre_hook, register
 from .config import BinarizeConfig
 from .train_linear import BinaryTrainLinear
@@ -58,26 +59,9 @@ def _linear_types() -> tuple[type, ...]:
 
 
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(fqn, block) of the repeated transformer blocks: the ModuleList of same-class modules with
-    the most linear layers (``encoder.layer`` for BERT, ``model.layers`` for Llama, ``transformer.h``
-    for GPT-2)."""
-    kinds = _linear_types() + (BinaryTrainLinear, BinaryLinear)
-    best, best_count = None, 0
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.ModuleList) or len(mod) == 0 or len({type(m) for m in mod}) != 1:
-            continue
-        count = sum(isinstance(m, kinds) for m in mod.modules())
-        if count > best_count:
-            best, best_count = (name, mod), count
-    if best is None:
-        raise ValueError(f"{type(model).__name__}: no list of transformer blocks with linear layers found")
-    prefix, blocks = best
+    """(fqn, block) of the repeated transformer blocks (:func:`slimformer.blocks.find_blocks`)."""
+    prefix, blocks = _find_block_list(model)
     return [(f"{prefix}.{i}" if prefix else str(i), block) for i, block in enumerate(blocks)]
-
-
-def _set_submodule(root: nn.Module, fqn: str, module: nn.Module) -> None:
-    parent, _, child = fqn.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
 def _is_self_attention(module: nn.Module, class_name: str) -> bool:
@@ -124,7 +108,7 @@ def binarize(model: nn.Module, config: BinarizeConfig | None = None, **overrides
     for fqn, mod in replace:
         new = BinaryTrainLinear.from_linear(mod, activations=config.activations, weight_clip=config.weight_clip)
         new.train(mod.training)
-        _set_submodule(model, fqn, new)
+        set_submodule(model, fqn, new)
 
     if config.binarize_attention:
         register()
@@ -167,7 +151,7 @@ def freeze(model: nn.Module, allow_uninitialized: bool = False) -> nn.Module:
         if isinstance(mod, BinaryTrainLinear):
             new = mod.to_binary_linear(allow_uninitialized=allow_uninitialized)
             new.train(mod.training)
-            _set_submodule(model, fqn, new)
+            set_submodule(model, fqn, new)
     for fqn, mod in model.named_modules():
         if isinstance(mod, BinaryAttention):
             if not allow_uninitialized:
