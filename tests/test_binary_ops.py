@@ -196,7 +196,8 @@ def test_opcheck_binary_gemm_a1(bias):
     torch.library.opcheck(torch.ops.slimformer.binary_gemm_a1.default, args)
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend):
     pos, qw, alpha, bias = _weights(40, 96, F32)
     scale, shift = torch.tensor(0.5), torch.tensor(0.1)
 
@@ -205,7 +206,7 @@ def test_torch_compile_fullgraph():
         return torch.relu(h) + binary_gemm_a1(x, qw, alpha, scale, shift, 96, bias)
 
     x = torch.randn(2, 5, 96)
-    y = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    y = torch.compile(f, fullgraph=True, backend=backend)(x)
     torch.testing.assert_close(y, f(x))
     want = torch.relu(_truth_fp(x, pos, alpha, bias)) + _truth_a1(x, pos, alpha, bias, 0.5, 0.1)
     assert rel_err(y, want) <= 1e-5

@@ -1,5 +1,5 @@
-// AVX-512 kernels of the 1-bit weight ops (inside the target region below, see
-// binary_cpu_simd_prelude.h; called only at ISA level avx512vnni, gemm_a1_avx512 only with
+// AVX-512 kernels of the 1-bit weight ops (inside the target regions below, see
+// binary_cpu_simd_prelude.h; called only at ISA level avx512vnni; gemm_a1_avx512, in a region of its own, only with
 // AVX512_VPOPCNTDQ). One 512-bit load holds one 32-input slice of a 16-row tile.
 //  - W1A-fp: vpermps looks up 16 rows at once in a group's 16-entry table (it reads only the low
 //    4 index bits, so nibble j is just the slice shifted right by 4j): 3 instructions per 16 rows x
@@ -10,7 +10,7 @@
 #include "binary/binary_cpu_simd_prelude.h"
 
 #pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vpopcntdq")
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl")
 // No mul+add -> FMA contraction: every ISA must round exactly as the scalar kernel does.
 #pragma GCC optimize("fp-contract=off")
 
@@ -74,68 +74,6 @@ template <int TB>
 inline void fp_tiles(const FpArgs& a, int64_t t0, int64_t t1, int64_t m0, int64_t w0, int64_t w1) {
   const bool first = w0 == 0, last = w1 == a.Kw;
   for (int64_t t = t0; t < t1; ++t) fp_block<TB>(a, t, m0, w0, w1, first, last);
-}
-
-// Sum of popcounts of TT tiles' slices (rowsum pass) into wpop[TT].
-template <int TT>
-inline void a1_rowsum(const A1Args& a, int64_t t, __m512 rowsum[TT]) {
-  for (int tt = 0; tt < TT; ++tt) {
-    const int32_t* q = a.qweight + (t + tt) * a.Kw * kTileRows;
-    __m512i pc = _mm512_setzero_si512();
-    for (int64_t w = 0; w < a.Kw; ++w) pc = _mm512_add_epi32(pc, _mm512_popcnt_epi32(_mm512_loadu_si512(q + w * kTileRows)));
-    rowsum[tt] = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_slli_epi32(pc, 1), _mm512_set1_epi32(static_cast<int32_t>(a.K))));
-  }
-}
-
-template <int TT, int TM>
-inline void a1_block(const A1Args& a, int64_t t, int64_t m0, const __m512 rowsum[TT]) {
-  const int64_t Kw = a.Kw;
-  __m512i acc[TT][TM];
-  for (int tt = 0; tt < TT; ++tt)
-    for (int i = 0; i < TM; ++i) acc[tt][i] = _mm512_setzero_si512();
-  const int32_t* q = a.qweight + t * Kw * kTileRows;
-  const uint32_t* act = a.abits + m0 * Kw;
-  for (int64_t w = 0; w < Kw; ++w) {
-    __m512i b[TT];
-    for (int tt = 0; tt < TT; ++tt) b[tt] = _mm512_loadu_si512(q + (tt * Kw + w) * kTileRows);
-    for (int i = 0; i < TM; ++i) {
-      const __m512i av = _mm512_set1_epi32(static_cast<int32_t>(act[i * Kw + w]));
-      for (int tt = 0; tt < TT; ++tt)
-        acc[tt][i] = _mm512_add_epi32(acc[tt][i], _mm512_popcnt_epi32(_mm512_xor_si512(b[tt], av)));
-    }
-  }
-  const __m512i Kv = _mm512_set1_epi32(static_cast<int32_t>(a.K));
-  const __m512 scale = _mm512_set1_ps(a.scale), shift = _mm512_set1_ps(a.shift);
-  for (int tt = 0; tt < TT; ++tt) {
-    const int64_t n0 = (t + tt) * kTileRows;
-    const __mmask16 mask = row_mask(a.N - n0);
-    const __m512 alpha = _mm512_maskz_loadu_ps(mask, a.alpha + n0);
-    const __m512 bias = a.bias ? _mm512_maskz_loadu_ps(mask, a.bias + n0) : _mm512_setzero_ps();
-    const __m512 shifted = a.use_rowsum ? _mm512_mul_ps(shift, rowsum[tt]) : _mm512_setzero_ps();
-    for (int i = 0; i < TM; ++i) {
-      const __m512i dot = _mm512_sub_epi32(Kv, _mm512_slli_epi32(acc[tt][i], 1));
-      __m512 v = _mm512_mul_ps(scale, _mm512_cvtepi32_ps(dot));
-      if (a.use_rowsum) v = _mm512_add_ps(v, shifted);
-      v = _mm512_mul_ps(alpha, v);
-      if (a.bias) v = _mm512_add_ps(v, bias);
-      _mm512_mask_storeu_ps(a.y + (m0 + i) * a.ldy + n0, mask, v);
-    }
-  }
-}
-
-template <int TT>
-inline void a1_tiles(const A1Args& a, int64_t t) {
-  __m512 rowsum[TT];
-  if (a.use_rowsum) {
-    a1_rowsum<TT>(a, t, rowsum);
-  } else {
-    for (int tt = 0; tt < TT; ++tt) rowsum[tt] = _mm512_setzero_ps();
-  }
-  int64_t m = 0;
-  for (; m + 8 <= a.M; m += 8) a1_block<TT, 8>(a, t, m, rowsum);
-  if (m + 4 <= a.M) { a1_block<TT, 4>(a, t, m, rowsum); m += 4; }
-  if (m + 2 <= a.M) { a1_block<TT, 2>(a, t, m, rowsum); m += 2; }
-  if (m < a.M) a1_block<TT, 1>(a, t, m, rowsum);
 }
 
 }  // namespace
@@ -202,6 +140,84 @@ void pack_activations_avx512(const float* x, int64_t ldx, int64_t M, int64_t K, 
     }
   }
 }
+
+}  // namespace binary
+}  // namespace slimformer
+
+#pragma GCC pop_options
+
+// W1A1 needs vpopcntd: its own region, so that nothing above can carry AVX512_VPOPCNTDQ code.
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vpopcntdq")
+#pragma GCC optimize("fp-contract=off")
+
+namespace slimformer {
+namespace binary {
+namespace {
+
+// Sum of popcounts of TT tiles' slices (rowsum pass) into wpop[TT].
+template <int TT>
+inline void a1_rowsum(const A1Args& a, int64_t t, __m512 rowsum[TT]) {
+  for (int tt = 0; tt < TT; ++tt) {
+    const int32_t* q = a.qweight + (t + tt) * a.Kw * kTileRows;
+    __m512i pc = _mm512_setzero_si512();
+    for (int64_t w = 0; w < a.Kw; ++w) pc = _mm512_add_epi32(pc, _mm512_popcnt_epi32(_mm512_loadu_si512(q + w * kTileRows)));
+    rowsum[tt] = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_slli_epi32(pc, 1), _mm512_set1_epi32(static_cast<int32_t>(a.K))));
+  }
+}
+
+template <int TT, int TM>
+inline void a1_block(const A1Args& a, int64_t t, int64_t m0, const __m512 rowsum[TT]) {
+  const int64_t Kw = a.Kw;
+  __m512i acc[TT][TM];
+  for (int tt = 0; tt < TT; ++tt)
+    for (int i = 0; i < TM; ++i) acc[tt][i] = _mm512_setzero_si512();
+  const int32_t* q = a.qweight + t * Kw * kTileRows;
+  const uint32_t* act = a.abits + m0 * Kw;
+  for (int64_t w = 0; w < Kw; ++w) {
+    __m512i b[TT];
+    for (int tt = 0; tt < TT; ++tt) b[tt] = _mm512_loadu_si512(q + (tt * Kw + w) * kTileRows);
+    for (int i = 0; i < TM; ++i) {
+      const __m512i av = _mm512_set1_epi32(static_cast<int32_t>(act[i * Kw + w]));
+      for (int tt = 0; tt < TT; ++tt)
+        acc[tt][i] = _mm512_add_epi32(acc[tt][i], _mm512_popcnt_epi32(_mm512_xor_si512(b[tt], av)));
+    }
+  }
+  const __m512i Kv = _mm512_set1_epi32(static_cast<int32_t>(a.K));
+  const __m512 scale = _mm512_set1_ps(a.scale), shift = _mm512_set1_ps(a.shift);
+  for (int tt = 0; tt < TT; ++tt) {
+    const int64_t n0 = (t + tt) * kTileRows;
+    const __mmask16 mask = row_mask(a.N - n0);
+    const __m512 alpha = _mm512_maskz_loadu_ps(mask, a.alpha + n0);
+    const __m512 bias = a.bias ? _mm512_maskz_loadu_ps(mask, a.bias + n0) : _mm512_setzero_ps();
+    const __m512 shifted = a.use_rowsum ? _mm512_mul_ps(shift, rowsum[tt]) : _mm512_setzero_ps();
+    for (int i = 0; i < TM; ++i) {
+      const __m512i dot = _mm512_sub_epi32(Kv, _mm512_slli_epi32(acc[tt][i], 1));
+      __m512 v = _mm512_mul_ps(scale, _mm512_cvtepi32_ps(dot));
+      if (a.use_rowsum) v = _mm512_add_ps(v, shifted);
+      v = _mm512_mul_ps(alpha, v);
+      if (a.bias) v = _mm512_add_ps(v, bias);
+      _mm512_mask_storeu_ps(a.y + (m0 + i) * a.ldy + n0, mask, v);
+    }
+  }
+}
+
+template <int TT>
+inline void a1_tiles(const A1Args& a, int64_t t) {
+  __m512 rowsum[TT];
+  if (a.use_rowsum) {
+    a1_rowsum<TT>(a, t, rowsum);
+  } else {
+    for (int tt = 0; tt < TT; ++tt) rowsum[tt] = _mm512_setzero_ps();
+  }
+  int64_t m = 0;
+  for (; m + 8 <= a.M; m += 8) a1_block<TT, 8>(a, t, m, rowsum);
+  if (m + 4 <= a.M) { a1_block<TT, 4>(a, t, m, rowsum); m += 4; }
+  if (m + 2 <= a.M) { a1_block<TT, 2>(a, t, m, rowsum); m += 2; }
+  if (m < a.M) a1_block<TT, 1>(a, t, m, rowsum);
+}
+
+}  // namespace
 
 void gemm_a1_avx512(const A1Args& a, int64_t t0, int64_t t1) {
   int64_t t = t0;
