@@ -138,6 +138,21 @@ def test_a1_integer_dot_is_exact():
     assert torch.equal(y, y.round())
 
 
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("w_sign,x_sign", [(1, 1), (1, -1), (-1, 1), (-1, -1)])
+def test_extreme_bit_patterns(w_sign, x_sign, isa):
+    """All weight bits equal and all activations on one side: every XOR bit set or clear, so the
+    popcount counters reach their maxima (AVX2 byte counters: 31 words x 8 bits per byte)."""
+    N, K = 33, 2100
+    pos = torch.full((N, K), w_sign > 0)
+    qw, alpha = pack_signs(pos), torch.rand(N) + 0.25
+    x = x_sign * (torch.rand(5, K) + 0.5)
+    y = binary_gemm_a1(x, qw, alpha, torch.tensor(1.0), torch.tensor(0.0), K)
+    assert torch.equal(y, alpha.expand(5, N) * float(w_sign * x_sign * K))
+    y = binary_gemm(x, qw, alpha, K)
+    assert rel_err(y, _truth_fp(x, pos, alpha, None)) <= 1e-5
+
+
 def test_a1_shift_ties_and_nan():
     """t = +1 iff x >= shift: equal values count as +1, NaN as -1 (as the reference)."""
     N, K = 20, 70
