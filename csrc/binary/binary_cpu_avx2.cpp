@@ -42,54 +42,89 @@ inline void store16(float* p, int64_t rows, __m256 lo, __m256 hi) {
 }
 
 // The table entry of nibble j for 8 rows: the low 3 bits pick within T[0..7] or T[8..15], bit 3
-// (moved to the sign bit) picks the half.
-template <int J>
-inline __m256 lookup(__m256i b, const float* Tj) {
-  const __m256i idx = J == 0 ? b : _mm256_srli_epi32(b, 4 * J);
-  const __m256 sel = _mm256_castsi256_ps(J == 7 ? b : _mm256_slli_epi32(b, 28 - 4 * J));
+// (moved to the sign bit by sel) picks the half.
+inline __m256 lookup(const float* Tj, __m256i idx, __m256 sel) {
   const __m256 lo = _mm256_permutevar8x32_ps(_mm256_load_ps(Tj), idx);
   const __m256 hi = _mm256_permutevar8x32_ps(_mm256_load_ps(Tj + 8), idx);
   return _mm256_blendv_ps(lo, hi, sel);
 }
 
-inline __m256 slice_sum(__m256i b, const float* Tw) {
-  const __m256 p0 = lookup<0>(b, Tw), p1 = lookup<1>(b, Tw + 16), p2 = lookup<2>(b, Tw + 32),
-               p3 = lookup<3>(b, Tw + 48), p4 = lookup<4>(b, Tw + 64), p5 = lookup<5>(b, Tw + 80),
-               p6 = lookup<6>(b, Tw + 96), p7 = lookup<7>(b, Tw + 112);
-  return _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(p0, p1), _mm256_add_ps(p2, p3)),
-                       _mm256_add_ps(_mm256_add_ps(p4, p5), _mm256_add_ps(p6, p7)));
-}
-
-inline void fp_block(const FpArgs& a, int64_t t, int64_t m, int64_t w0, int64_t w1) {
-  const int64_t rows = std::min<int64_t>(kTileRows, a.N - t * kTileRows), n0 = t * kTileRows;
-  float* y = a.y + m * a.ldy + n0;
-  __m256 acc0, acc1;
-  if (w0 == 0) {
-    acc0 = acc1 = _mm256_setzero_ps();
-  } else {
-    load16(y, rows, acc0, acc1);
+// Sum over one word for 8 rows and TB tokens, in the fixed tree order
+// ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7)); the shifts of a nibble serve all TB tokens.
+template <int TB>
+inline void slice_sum(__m256i b, const float* const Tw[TB], __m256 out[TB]) {
+  __m256 s03[TB], s45[TB];
+#define SF_NIBBLE(J)                                                                   \
+  const __m256i idx##J = J == 0 ? b : _mm256_srli_epi32(b, 4 * J);                    \
+  const __m256 sel##J = _mm256_castsi256_ps(J == 7 ? b : _mm256_slli_epi32(b, 28 - 4 * J))
+  {
+    SF_NIBBLE(0);
+    SF_NIBBLE(1);
+    for (int i = 0; i < TB; ++i) s03[i] = _mm256_add_ps(lookup(Tw[i], idx0, sel0), lookup(Tw[i] + 16, idx1, sel1));
   }
-  const float* Tw = a.tables + m * table_floats_per_token(a.Kw) + w0 * 128;
-  const int32_t* q = a.qweight + (t * a.Kw + w0) * kTileRows;
-  for (int64_t w = w0; w < w1; ++w, q += kTileRows, Tw += 128) {
-    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
-    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 8));
-    acc0 = _mm256_add_ps(acc0, slice_sum(b0, Tw));
-    acc1 = _mm256_add_ps(acc1, slice_sum(b1, Tw));
+  {
+    SF_NIBBLE(2);
+    SF_NIBBLE(3);
+    for (int i = 0; i < TB; ++i)
+      s03[i] = _mm256_add_ps(s03[i], _mm256_add_ps(lookup(Tw[i] + 32, idx2, sel2), lookup(Tw[i] + 48, idx3, sel3)));
   }
-  if (w1 == a.Kw) {
-    __m256 al0, al1;
-    load16(a.alpha + n0, rows, al0, al1);
-    acc0 = _mm256_mul_ps(acc0, al0);
-    acc1 = _mm256_mul_ps(acc1, al1);
-    if (a.bias) {
-      __m256 b0, b1;
-      load16(a.bias + n0, rows, b0, b1);
-      acc0 = _mm256_add_ps(acc0, b0);
-      acc1 = _mm256_add_ps(acc1, b1);
+  {
+    SF_NIBBLE(4);
+    SF_NIBBLE(5);
+    for (int i = 0; i < TB; ++i) s45[i] = _mm256_add_ps(lookup(Tw[i] + 64, idx4, sel4), lookup(Tw[i] + 80, idx5, sel5));
+  }
+  {
+    SF_NIBBLE(6);
+    SF_NIBBLE(7);
+    for (int i = 0; i < TB; ++i) {
+      const __m256 s67 = _mm256_add_ps(lookup(Tw[i] + 96, idx6, sel6), lookup(Tw[i] + 112, idx7, sel7));
+      out[i] = _mm256_add_ps(s03[i], _mm256_add_ps(s45[i], s67));
     }
   }
-  store16(y, rows, acc0, acc1);
+#undef SF_NIBBLE
+}
+
+template <int TB>
+inline void fp_block(const FpArgs& a, int64_t t, int64_t m0, int64_t w0, int64_t w1) {
+  const int64_t rows = std::min<int64_t>(kTileRows, a.N - t * kTileRows), n0 = t * kTileRows;
+  float* y[TB];
+  const float* Tw[TB];
+  __m256 acc[2][TB];
+  for (int i = 0; i < TB; ++i) {
+    y[i] = a.y + (m0 + i) * a.ldy + n0;
+    Tw[i] = a.tables + (m0 + i) * table_floats_per_token(a.Kw) + w0 * 128;
+    if (w0 == 0) {
+      acc[0][i] = acc[1][i] = _mm256_setzero_ps();
+    } else {
+      load16(y[i], rows, acc[0][i], acc[1][i]);
+    }
+  }
+  const int32_t* q = a.qweight + (t * a.Kw + w0) * kTileRows;
+  for (int64_t w = w0; w < w1; ++w, q += kTileRows) {
+    for (int h = 0; h < 2; ++h) {
+      __m256 s[TB];
+      slice_sum<TB>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 8 * h)), Tw, s);
+      for (int i = 0; i < TB; ++i) acc[h][i] = _mm256_add_ps(acc[h][i], s[i]);
+    }
+    for (int i = 0; i < TB; ++i) Tw[i] += 128;
+  }
+  __m256 al0, al1, b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+  if (w1 == a.Kw) {
+    load16(a.alpha + n0, rows, al0, al1);
+    if (a.bias) load16(a.bias + n0, rows, b0, b1);
+  }
+  for (int i = 0; i < TB; ++i) {
+    __m256 v0 = acc[0][i], v1 = acc[1][i];
+    if (w1 == a.Kw) {
+      v0 = _mm256_mul_ps(v0, al0);
+      v1 = _mm256_mul_ps(v1, al1);
+      if (a.bias) {
+        v0 = _mm256_add_ps(v0, b0);
+        v1 = _mm256_add_ps(v1, b1);
+      }
+    }
+    store16(y[i], rows, v0, v1);
+  }
 }
 
 // Byte-wise popcount of v (each byte 0..8).
@@ -194,12 +229,15 @@ void build_tables_avx2(const float* x, int64_t ldx, int64_t M, int64_t K, float*
 }
 
 void gemm_fp_avx2(const FpArgs& a, int64_t t0, int64_t t1) {
-  // K block: one token's tables (32 words x 512 B = 16 KiB) stay in L1 across the tiles.
+  // K block: the tables of a token pair (2 x 32 words x 512 B = 32 KiB) stay in L1 across the tiles.
   constexpr int64_t kb = 32;
   for (int64_t w0 = 0; w0 < a.Kw; w0 += kb) {
     const int64_t w1 = std::min(a.Kw, w0 + kb);
-    for (int64_t m = 0; m < a.M; ++m)
-      for (int64_t t = t0; t < t1; ++t) fp_block(a, t, m, w0, w1);
+    int64_t m = 0;
+    for (; m + 2 <= a.M; m += 2)
+      for (int64_t t = t0; t < t1; ++t) fp_block<2>(a, t, m, w0, w1);
+    if (m < a.M)
+      for (int64_t t = t0; t < t1; ++t) fp_block<1>(a, t, m, w0, w1);
   }
 }
 
