@@ -11,7 +11,7 @@ Protocol (every number in one run, written to benchmarks/results/):
   (mean, median, 5th percentile, min).
 - variants: for each activation mode (``fp`` = 1-bit weights, full-precision activations;
   ``binary`` = 1-bit weights and activations, attention binarized too), the model right after
-  ``binarize`` + ``freeze`` (post-training, no data) and after ``distill`` (logits/last hidden
+  ``binarize`` + ``freeze`` (post-training: one batch sets the activation scales) and after ``distill`` (logits/last hidden
   state + hidden states + attention maps) + ``freeze``. The frozen, packed model is what is measured.
 - memory: parameters + buffers of the fp32 model vs the frozen binary one, whole model and the
   encoder's linear layers alone (the embeddings stay fp32).
@@ -109,8 +109,12 @@ def run(args: argparse.Namespace, log=print) -> dict:
     results = []
     for mode in modes:
         config = binary.BinarizeConfig(activations=mode, bipft=args.bipft and mode == "binary")
-        # Post-training: binarize and freeze straight away (no data at all).
-        ptq = binary.freeze(binary.binarize(copy.deepcopy(teacher), config).eval())
+        # Post-training: binarize, one forward on a training batch (sets the activation scales;
+        # weights need no data), freeze.
+        ptq = binary.binarize(copy.deepcopy(teacher), config).eval()
+        with torch.no_grad():
+            ptq(**batches[0])
+        ptq = binary.freeze(ptq)
         cos = embedding_cosine(sentence_embeddings(ptq, tokenizer, held_out), ref)
         results.append({"mode": mode, "variant": "post-training", "steps": 0, "seconds": 0.0, "cosine": cos,
                         "bytes": model_memory_bytes(ptq), "linear_bytes": _linear_bytes(ptq)})
