@@ -1,7 +1,6 @@
 """BinaryLinear: an inference ``nn.Linear`` with 1-bit weights (BWN) and fp or 1-bit inputs."""
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
