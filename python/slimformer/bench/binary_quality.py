@@ -149,8 +149,10 @@ def run(args: argparse.Namespace, log=print) -> dict:
     log(markdown)
     if not args.no_write:
         commit = machine["git_commit"] + ("-dirty" if machine["git_dirty"] else "")
-        stem = f"binary_quality_{_dt.date.today().isoformat()}_{commit}"
-        written = write_report(Path(args.out or default_out_dir()), stem, "binary_quality_latest", payload, markdown)
+        tag = "-".join(modes)
+        stem = f"binary_quality_{tag}_{_dt.date.today().isoformat()}_{commit}"
+        written = write_report(Path(args.out or default_out_dir()), stem, f"binary_quality_{tag}_latest", payload,
+                               markdown)
         log("wrote " + ", ".join(str(p) for p in written))
     return payload
 
