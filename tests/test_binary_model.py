@@ -307,3 +307,20 @@ def test_bf16_train_and_freeze(activations):
         assert all(m.alpha.dtype == torch.float32 for m in model.modules() if isinstance(m, BinaryLinear))
         got = output(model, ids).float()
     assert float((got - expect).norm() / expect.norm()) < 2e-2
+
+
+@pytest.mark.parametrize("activations", ["fp", "binary"])
+def test_frozen_model_compiles_fullgraph(activations):
+    """A frozen binary model runs under torch.compile(fullgraph=True): the ops' fake impls and the
+    binarized attention trace without graph breaks, and the compiled model gives the same output."""
+    torch._dynamo.reset()
+    model = make("llama").eval()
+    binarize(model, activations=activations)
+    calibrate(model)
+    freeze(model)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        expect = output(model, ids, use_cache=False)
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        got = output(compiled, ids, use_cache=False)
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)

@@ -90,8 +90,8 @@ class ElasticBinarizer(nn.Module):
         shift is that of clamp((x - shift) / scale, -1, 1))."""
         if not self.signed:
             raise ValueError("code() is defined for signed binarizers only")
-        if not bool(self.initialized):
-            self.initialize(x)
+        if not self.frozen and not bool(self.initialized):  # frozen ones are initialised (freeze checks):
+            self.initialize(x)                               # no data-dependent branch under torch.compile
         xf = x.to(torch.float32)
         b = self.shift.to(torch.float32) if self.shift is not None else None
         h = torch.where(xf >= (b if b is not None else 0.0), 1.0, -1.0)
@@ -102,7 +102,7 @@ class ElasticBinarizer(nn.Module):
         return h + (c - c.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not bool(self.initialized):
+        if not self.frozen and not bool(self.initialized):
             self.initialize(x)
         a = self.scale.to(torch.float32)
         if self.signed:
