@@ -21,7 +21,6 @@ import argparse
 import datetime as _dt
 import gc
 import os
-import shlex
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -29,7 +28,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .common import (CacheFlusher, KernelMismatch, default_out_dir, fmt_us, is_busy, machine_facts, markdown_table,
+from .common import (guarded_run, parse_command_line, CacheFlusher, KernelMismatch, default_out_dir, fmt_us, is_busy, machine_facts, markdown_table,
                      parse_ints, parse_shapes, rel_err, time_interleaved, write_report)
 
 SUMMARY = "1-bit weight kernels (W1A-fp and W1A1) vs torch dense F.linear"
@@ -189,25 +188,12 @@ def run(args: argparse.Namespace, log=print) -> dict:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    try:
-        run(args)
-    except KernelMismatch as e:
-        print(f"\nFATAL: {e}\nNo results written: a benchmark of a wrong kernel is worthless.", file=sys.stderr)
-        return 2
-    except NotImplementedError as e:
-        print(f"\nFATAL: an op is not available on --device {args.device}: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
-    return 0
+    return guarded_run(run, args)
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "bench_binary") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    args.command_line = f"{prog} {shlex.join(argv)}".strip()
-    return run_cli(args)
+    """Stand-alone entry point (``benchmarks/bench_binary.py``)."""
+    return run_cli(parse_command_line(add_arguments, DESCRIPTION, prog, argv))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import copy
 import datetime as _dt
 import os
 import random
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Sequence
 
 import torch
 
-from .common import default_out_dir, machine_facts, markdown_table, write_report
+from .common import default_out_dir, machine_facts, markdown_table, parse_command_line, write_report
 
 SUMMARY = "all-MiniLM-L6-v2 binarized: embedding cosine vs fp32, post-training vs distilled"
 DESCRIPTION = __doc__.split("Use ``slimformer")[0].replace("``", "")
@@ -188,13 +187,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "binary_quality") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    args.command_line = f"{prog} {shlex.join(argv)}".strip()
-    return run_cli(args)
+    return run_cli(parse_command_line(add_arguments, DESCRIPTION, prog, argv))
 
 
 if __name__ == "__main__":

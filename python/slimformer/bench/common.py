@@ -341,3 +341,36 @@ def fmt_us(v: float | None) -> str:
     if v is None:
         return "-"
     return f"{v:.1f}" if v < 1000 else f"{v:,.0f}"
+
+
+# -- entry points -------------------------------------------------------------------------------
+def parse_command_line(add_arguments: Callable[[argparse.ArgumentParser], None], description: str, prog: str,
+                       argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """A benchmark's stand-alone parser applied to ``argv`` (default sys.argv[1:]); the parsed
+    arguments carry ``command_line`` for the report."""
+    import shlex
+    import sys
+
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.command_line = f"{prog} {shlex.join(argv)}".strip()
+    return args
+
+
+def guarded_run(run: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> int:
+    """Run a kernel benchmark; a wrong kernel or a missing op ends it with exit code 2 and no results."""
+    import sys
+
+    try:
+        run(args)
+    except KernelMismatch as e:
+        print(f"\nFATAL: {e}\nNo results written: a benchmark of a wrong kernel is worthless.", file=sys.stderr)
+        return 2
+    except NotImplementedError as e:
+        print(f"\nFATAL: an op is not available on --device {getattr(args, 'device', '?')}: "
+              f"{str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    return 0

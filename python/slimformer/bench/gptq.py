@@ -34,9 +34,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .common import (BUSY_LOAD, CacheFlusher, KernelMismatch, default_out_dir, fmt_us as _fmt_us, is_busy as _busy,
-                     machine_facts, markdown_table, parse_ints as _parse_ints, parse_shapes as _parse_shapes,
-                     rel_err as _rel_err, time_interleaved, write_report)
+from .common import (BUSY_LOAD, CacheFlusher, KernelMismatch, default_out_dir, fmt_us as _fmt_us, guarded_run,
+                     is_busy as _busy, machine_facts, markdown_table, parse_command_line, parse_ints as _parse_ints,
+                     parse_shapes as _parse_shapes, rel_err as _rel_err, time_interleaved, write_report)
 
 SUMMARY = "GPTQ dequantize-matmul vs torch dense F.linear and torch's int4 kernel on LLM layer shapes"
 DESCRIPTION = __doc__.split("Use ``slimformer")[0].replace("``", "")
@@ -436,29 +436,12 @@ def run(args: argparse.Namespace, log=print) -> dict:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    try:
-        run(args)
-    except KernelMismatch as e:
-        print(f"\nFATAL: {e}\nNo results written: a benchmark of a wrong kernel is worthless.", file=sys.stderr)
-        return 2
-    except NotImplementedError as e:
-        print(f"\nFATAL: an op is not available on --device {args.device}: {str(e).splitlines()[0]}",
-              file=sys.stderr)
-        return 2
-    return 0
+    return guarded_run(run, args)
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "bench_gptq") -> int:
     """Stand-alone entry point (``benchmarks/bench_gptq.py``)."""
-    import shlex
-
-    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    args.command_line = f"{prog} {shlex.join(argv)}".strip()
-    return run_cli(args)
+    return run_cli(parse_command_line(add_arguments, DESCRIPTION, prog, argv))
 
 
 if __name__ == "__main__":
