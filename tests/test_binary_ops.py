@@ -105,7 +105,7 @@ def test_binary_gemm_a1_matches_reference(c, act, isa):
 
 
 PARITY = [(1, 1, 1), (3, 33, 15), (7, 100, 17), (17, 1000, 33), (130, 576, 100), (5, 2100, 47), (1, 4100, 31),
-          (9, 64, 16)]
+          (9, 64, 16), (2, 300, 100), (1, 1000, 200)]  # the last two: 4-, 2- and 1-tile groups of the M < 4 path
 
 
 @pytest.mark.parametrize("M,K,N", PARITY, ids=[f"M{m}-K{k}-N{n}" for m, k, n in PARITY])

@@ -4,7 +4,9 @@
 //  - W1A-fp: vpermps looks up 16 rows at once in a group's 16-entry table (it reads only the low
 //    4 index bits, so nibble j is just the slice shifted right by 4j): 3 instructions per 16 rows x
 //    4 inputs. The 8 index vectors of a slice serve up to 4 tokens; K is blocked so that the
-//    tables of those tokens stay in L1 while the tiles of the thread stream through.
+//    tables of those tokens stay in L1 while the tiles of the thread stream through. Below 4
+//    tokens (decoding) the weights are the bottleneck instead: 4 tiles at a time run over all of
+//    K as contiguous, software-prefetched streams, with the tables in L2 (fp_stream).
 //  - W1A1: broadcast a token's activation word, XOR with the slice, vpopcntd, add: 16 rows x 32
 //    inputs per 3 instructions, register-blocked 2 tiles x up to 8 tokens.
 #include "binary/binary_cpu_simd_prelude.h"
@@ -76,6 +78,64 @@ inline void fp_tiles(const FpArgs& a, int64_t t0, int64_t t1, int64_t m0, int64_
   for (int64_t t = t0; t < t1; ++t) fp_block<TB>(a, t, m0, w0, w1, first, last);
 }
 
+// Small batches (the decoding case, M < kStreamTokens): TT tiles at a time over the whole of K,
+// so that the weights stream from memory as TT contiguous runs with a software prefetch
+// kPrefetchBytes ahead in each (the K-blocked order of fp_block visits each tile in short chunks
+// and runs at a third of the memory bandwidth after a cache flush). The tables (M * Kw * 512
+// bytes) then come from L2; one table load serves TT tiles. Each output's sum is formed in the
+// same order as in fp_block (and the scalar kernel).
+constexpr int64_t kStreamTokens = 4;
+constexpr int64_t kStreamTableBytes = 512 << 10;  // at most this much table per call (L2)
+constexpr int64_t kPrefetchBytes = 1024;
+template <int TB, int TT>
+inline void fp_stream(const FpArgs& a, int64_t t, int64_t m0) {
+  const int64_t tpt = table_floats_per_token(a.Kw), Kw = a.Kw;
+  __m512 acc[TT][TB];
+  for (int tt = 0; tt < TT; ++tt)
+    for (int i = 0; i < TB; ++i) acc[tt][i] = _mm512_setzero_ps();
+  const int32_t* q[TT];
+  for (int tt = 0; tt < TT; ++tt) q[tt] = a.qweight + (t + tt) * Kw * kTileRows;
+  const float* T = a.tables + m0 * tpt;
+  const char* q_end = reinterpret_cast<const char*>(a.qweight + row_tiles(a.N) * Kw * kTileRows);
+  for (int64_t w = 0; w < Kw; ++w) {
+    __m512i b[TT];
+    for (int tt = 0; tt < TT; ++tt) {
+      const char* pf = reinterpret_cast<const char*>(q[tt] + w * kTileRows) + kPrefetchBytes;
+      if (pf < q_end) _mm_prefetch(pf, _MM_HINT_T0);
+      b[tt] = _mm512_loadu_si512(q[tt] + w * kTileRows);
+    }
+    for (int i = 0; i < TB; ++i) {
+      const float* Tw = T + i * tpt + w * 128;
+      __m512 p[TT][8];
+      for (int j = 0; j < 8; ++j) {
+        const __m512 tab = _mm512_load_ps(Tw + 16 * j);
+        for (int tt = 0; tt < TT; ++tt)
+          p[tt][j] = _mm512_permutexvar_ps(j == 0 ? b[tt] : _mm512_srli_epi32(b[tt], 4 * j), tab);
+      }
+      for (int tt = 0; tt < TT; ++tt) {
+        const __m512 s = _mm512_add_ps(
+            _mm512_add_ps(_mm512_add_ps(p[tt][0], p[tt][1]), _mm512_add_ps(p[tt][2], p[tt][3])),
+            _mm512_add_ps(_mm512_add_ps(p[tt][4], p[tt][5]), _mm512_add_ps(p[tt][6], p[tt][7])));
+        acc[tt][i] = _mm512_add_ps(acc[tt][i], s);
+      }
+    }
+  }
+  for (int tt = 0; tt < TT; ++tt) {
+    const int64_t n0 = (t + tt) * kTileRows;
+    const __mmask16 mask = row_mask(a.N - n0);
+    for (int i = 0; i < TB; ++i)
+      _mm512_mask_storeu_ps(a.y + (m0 + i) * a.ldy + n0, mask,
+                            finish_fp(acc[tt][i], a.alpha + n0, a.bias ? a.bias + n0 : nullptr, mask));
+  }
+}
+
+template <int TT>
+inline void fp_stream_tokens(const FpArgs& a, int64_t t) {
+  int64_t m = 0;
+  for (; m + 2 <= a.M; m += 2) fp_stream<2, TT>(a, t, m);
+  if (m < a.M) fp_stream<1, TT>(a, t, m);
+}
+
 }  // namespace
 
 void build_tables_avx512(const float* x, int64_t ldx, int64_t M, int64_t K, float* out) {
@@ -107,6 +167,13 @@ void build_tables_avx512(const float* x, int64_t ldx, int64_t M, int64_t K, floa
 }
 
 void gemm_fp_avx512(const FpArgs& a, int64_t t0, int64_t t1) {
+  if (a.M < kStreamTokens && a.M * a.Kw * 512 <= kStreamTableBytes) {
+    int64_t t = t0;
+    for (; t + 4 <= t1; t += 4) fp_stream_tokens<4>(a, t);
+    for (; t + 2 <= t1; t += 2) fp_stream_tokens<2>(a, t);
+    if (t < t1) fp_stream_tokens<1>(a, t);
+    return;
+  }
   // K block: the tables of one token block (4 tokens x 16 words x 512 B = 32 KiB) stay in L1.
   const int64_t kb = a.M >= 4 ? 16 : a.M >= 2 ? 32 : 64;
   for (int64_t w0 = 0; w0 < a.Kw; w0 += kb) {
