@@ -7,57 +7,13 @@
 
 #include <vector>
 
+#include "binary/binary_checks.h"
 #include "binary/binary_cpu.h"
 #include "common/cpu_features.h"
 
 namespace slimformer {
 namespace binary {
 namespace {
-
-struct Shape {
-  int64_t N, K, Kw, tiles;
-};
-
-// Checks shared by both ops; `op` names the op in every message.
-Shape check_inputs(const char* op, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& alpha,
-                   const c10::optional<at::Tensor>& bias, int64_t in_features) {
-  TORCH_CHECK_VALUE(in_features > 0, op, ": in_features must be positive, got ", in_features);
-  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf ||
-                        x.scalar_type() == at::kBFloat16,
-                    op, ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == in_features, op, ": x's last dimension must be in_features=",
-                    in_features, ", got x of shape ", x.sizes());
-  TORCH_CHECK_VALUE(alpha.scalar_type() == at::kFloat && alpha.dim() == 1 && alpha.size(0) > 0, op,
-                    ": alpha must be a non-empty 1-D float32 tensor [out_features], got ", alpha.scalar_type(),
-                    " of shape ", alpha.sizes());
-  const int64_t N = alpha.size(0), K = in_features;
-  const Shape s{N, K, words_per_row(K), row_tiles(N)};
-  TORCH_CHECK_VALUE(qweight.scalar_type() == at::kInt, op, ": qweight must be int32, got ", qweight.scalar_type());
-  TORCH_CHECK_VALUE(qweight.dim() == 3 && qweight.size(0) == s.tiles && qweight.size(1) == s.Kw &&
-                        qweight.size(2) == kTileRows,
-                    op, ": qweight must have shape (", s.tiles, ", ", s.Kw, ", ", kTileRows,
-                    ") = (ceil(out_features/16), ceil(in_features/32), 16) for out_features=", N,
-                    " (alpha's length) and in_features=", K, ", got ", qweight.sizes());
-  const auto dev = x.device();
-  TORCH_CHECK_VALUE(qweight.device() == dev && alpha.device() == dev, op,
-                    ": x, qweight and alpha must be on one device, got ", dev, ", ", qweight.device(), ", ",
-                    alpha.device());
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape (", N,
-                      ") = (out_features,), got ", bias->sizes());
-    TORCH_CHECK_VALUE(bias->is_floating_point(), op, ": bias must be floating point, got ", bias->scalar_type());
-    TORCH_CHECK_VALUE(bias->device() == dev, op, ": bias is on ", bias->device(), " but x is on ", dev);
-  }
-  return s;
-}
-
-float scalar_param(const char* op, const char* name, const at::Tensor& t, const at::Device& dev) {
-  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat && t.numel() == 1, op, ": ", name,
-                    " must be a float32 tensor with one element (0-dim), got ", t.scalar_type(), " of shape ",
-                    t.sizes());
-  TORCH_CHECK_VALUE(t.device() == dev, op, ": ", name, " is on ", t.device(), " but x is on ", dev);
-  return t.reshape({}).item<float>();
-}
 
 // Tiles per thread chunk: at least ~4k slice x token steps of work, so small layers stay on one thread.
 int64_t tile_grain(const Shape& s, int64_t M) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(1, s.Kw * M)); }
@@ -71,17 +27,34 @@ at::Tensor finish(const at::Tensor& y, const at::Tensor& x, int64_t N) {
   return y.to(x.scalar_type()).reshape(out_shape);
 }
 
+// What both ops run on: fp32 output [M, N], x as contiguous fp32 [M, K] (undefined when M == 0),
+// contiguous weights and alpha, bias as fp32 (undefined without one).
+struct Staged {
+  int64_t M;
+  at::Tensor y, x32, qw, al, b32;
+};
+
+Staged stage(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& alpha,
+             const c10::optional<at::Tensor>& bias, const Shape& s) {
+  Staged st;
+  st.M = x.numel() / s.K;
+  st.y = at::empty({st.M, s.N}, x.options().dtype(at::kFloat));
+  if (st.M == 0) return st;
+  st.x32 = x.reshape({st.M, s.K}).to(at::kFloat).contiguous();
+  st.qw = qweight.contiguous();
+  st.al = alpha.contiguous();
+  if (bias.has_value()) st.b32 = bias->to(at::kFloat).contiguous();
+  return st;
+}
+
 at::Tensor binary_gemm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& alpha,
                            const c10::optional<at::Tensor>& bias, int64_t in_features) {
   constexpr const char* op = "slimformer.binary_gemm";
   const Shape s = check_inputs(op, x, qweight, alpha, bias, in_features);
-  const int64_t M = x.numel() / s.K;
-  at::Tensor y = at::empty({M, s.N}, x.options().dtype(at::kFloat));
-  if (M == 0) return finish(y, x, s.N);
-  const at::Tensor x32 = x.reshape({M, s.K}).to(at::kFloat).contiguous();
-  const at::Tensor qw = qweight.contiguous(), al = alpha.contiguous();
-  at::Tensor b32;
-  if (bias.has_value()) b32 = bias->to(at::kFloat).contiguous();
+  const Staged st = stage(x, qweight, alpha, bias, s);
+  const int64_t M = st.M;
+  if (M == 0) return finish(st.y, x, s.N);
+  const at::Tensor &y = st.y, &x32 = st.x32, &qw = st.qw, &al = st.al, &b32 = st.b32;
 
   // Read the ISA once: set_cpu_isa may run concurrently, and tables and kernel must agree.
   const CpuIsa isa = active_cpu_isa();
@@ -119,15 +92,13 @@ at::Tensor binary_gemm_a1_cpu(const at::Tensor& x, const at::Tensor& qweight, co
                               const at::Tensor& act_shift, int64_t in_features) {
   constexpr const char* op = "slimformer.binary_gemm_a1";
   const Shape s = check_inputs(op, x, qweight, alpha, bias, in_features);
-  const float scale = scalar_param(op, "act_scale", act_scale, x.device());
-  const float shift = scalar_param(op, "act_shift", act_shift, x.device());
-  const int64_t M = x.numel() / s.K;
-  at::Tensor y = at::empty({M, s.N}, x.options().dtype(at::kFloat));
-  if (M == 0) return finish(y, x, s.N);
-  const at::Tensor x32 = x.reshape({M, s.K}).to(at::kFloat).contiguous();
-  const at::Tensor qw = qweight.contiguous(), al = alpha.contiguous();
-  at::Tensor b32;
-  if (bias.has_value()) b32 = bias->to(at::kFloat).contiguous();
+  check_act_param(op, "act_scale", act_scale, x.device());
+  check_act_param(op, "act_shift", act_shift, x.device());
+  const float scale = act_scale.reshape({}).item<float>(), shift = act_shift.reshape({}).item<float>();
+  const Staged st = stage(x, qweight, alpha, bias, s);
+  const int64_t M = st.M;
+  if (M == 0) return finish(st.y, x, s.N);
+  const at::Tensor &y = st.y, &x32 = st.x32, &qw = st.qw, &al = st.al, &b32 = st.b32;
 
   const CpuIsa isa = active_cpu_isa();
   auto pack = isa >= CpuIsa::kAvx512Vnni ? pack_activations_avx512

@@ -12,56 +12,12 @@
 
 #include <vector>
 
+#include "binary/binary_checks.h"
 #include "binary/binary_cuda.h"
 
 namespace slimformer {
 namespace binary {
 namespace {
-
-struct Shape {
-  int64_t N, K;
-};
-
-// The CPU adapter's checks and wording (binary_cpu_op.cpp), plus: everything on the CUDA device,
-// and in_features below 2^24 (the W1A1 epilogue converts exact integer dot products to fp32).
-Shape check_inputs(const char* op, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& alpha,
-                   const c10::optional<at::Tensor>& bias, int64_t in_features) {
-  TORCH_CHECK_VALUE(in_features > 0 && in_features < (int64_t{1} << 24), op,
-                    ": in_features must be positive and below 2^24, got ", in_features);
-  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
-                    op, ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == in_features, op, ": x's last dimension must be in_features=",
-                    in_features, ", got x of shape ", x.sizes());
-  TORCH_CHECK_VALUE(alpha.scalar_type() == at::kFloat && alpha.dim() == 1 && alpha.size(0) > 0, op,
-                    ": alpha must be a non-empty 1-D float32 tensor [out_features], got ", alpha.scalar_type(),
-                    " of shape ", alpha.sizes());
-  const int64_t N = alpha.size(0), K = in_features;
-  TORCH_CHECK_VALUE(qweight.scalar_type() == at::kInt, op, ": qweight must be int32, got ", qweight.scalar_type());
-  TORCH_CHECK_VALUE(qweight.dim() == 3 && qweight.size(0) == row_tiles(N) && qweight.size(1) == words_per_row(K) &&
-                        qweight.size(2) == kTileRows,
-                    op, ": qweight must have shape (", row_tiles(N), ", ", words_per_row(K), ", ", kTileRows,
-                    ") = (ceil(out_features/16), ceil(in_features/32), 16) for out_features=", N,
-                    " (alpha's length) and in_features=", K, ", got ", qweight.sizes());
-  const auto dev = qweight.device();
-  TORCH_CHECK_VALUE(dev.is_cuda(), op, ": qweight is on ", dev, " but this is the CUDA kernel");
-  TORCH_CHECK_VALUE(x.device() == dev, op, ": x is on ", x.device(), " but qweight is on ", dev);
-  TORCH_CHECK_VALUE(alpha.device() == dev, op, ": alpha is on ", alpha.device(), " but qweight is on ", dev);
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape (", N,
-                      ") = (out_features,), got ", bias->sizes());
-    TORCH_CHECK_VALUE(bias->is_floating_point(), op, ": bias must be floating point, got ", bias->scalar_type());
-    TORCH_CHECK_VALUE(bias->device() == dev, op, ": bias is on ", bias->device(), " but qweight is on ", dev);
-  }
-  return {N, K};
-}
-
-void check_act_param(const char* op, const char* name, const at::Tensor& t, const at::Device& dev) {
-  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat && t.numel() == 1, op, ": ", name,
-                    " must be a float32 tensor with one element (0-dim), got ", t.scalar_type(), " of shape ",
-                    t.sizes());
-  TORCH_CHECK_VALUE(t.device() == dev, op, ": ", name, " is on ", t.device(), " but qweight is on ", dev,
-                    " (the kernel reads it on the GPU, without a host sync)");
-}
 
 void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "slimformer.binary: CUDA ", what, " failed: ", cudaGetErrorString(err));
@@ -115,7 +71,8 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
 at::Tensor binary_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& alpha,
                             const c10::optional<at::Tensor>& bias, int64_t in_features) {
   constexpr const char* op = "slimformer.binary_gemm";
-  const Shape s = check_inputs(op, x, qweight, alpha, bias, in_features);
+  const Shape s = check_inputs(op, x, qweight, alpha, bias, in_features, int64_t{1} << 24);
+  TORCH_CHECK_VALUE(x.is_cuda(), op, ": x is on ", x.device(), " but this is the CUDA kernel");
   const c10::cuda::CUDAGuard guard(qweight.device());
   const int64_t M = x.numel() / s.K;
   if (M == 0) return at::empty(out_shape(x, s.N), x.options());
@@ -148,9 +105,10 @@ at::Tensor binary_gemm_a1_cuda(const at::Tensor& x, const at::Tensor& qweight, c
                                const c10::optional<at::Tensor>& bias, const at::Tensor& act_scale,
                                const at::Tensor& act_shift, int64_t in_features) {
   constexpr const char* op = "slimformer.binary_gemm_a1";
-  const Shape s = check_inputs(op, x, qweight, alpha, bias, in_features);
-  check_act_param(op, "act_scale", act_scale, qweight.device());
-  check_act_param(op, "act_shift", act_shift, qweight.device());
+  const Shape s = check_inputs(op, x, qweight, alpha, bias, in_features, int64_t{1} << 24);
+  TORCH_CHECK_VALUE(x.is_cuda(), op, ": x is on ", x.device(), " but this is the CUDA kernel");
+  check_act_param(op, "act_scale", act_scale, x.device());
+  check_act_param(op, "act_shift", act_shift, x.device());
   const c10::cuda::CUDAGuard guard(qweight.device());
   const int64_t M = x.numel() / s.K;
   if (M == 0) return at::empty(out_shape(x, s.N), x.options());
