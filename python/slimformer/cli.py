@@ -16,8 +16,8 @@ causal-LM directory, or (for ``eval``) a GPTQ checkpoint directory.
 Adding a command: write ``_add_<name>(subparsers)`` that creates its parser and sets
 ``func=<callable(args) -> int>`` with ``set_defaults``, and append it to ``_COMMANDS``. Commands
 import their heavy modules inside ``func`` so that ``slimformer --help`` stays fast. A command
-group with its own subcommands (like ``bench``) adds a nested subparser set; new benchmarks go
-into ``_BENCHMARKS``.
+group with its own subcommands (like ``bench``) adds a nested subparser set; a new benchmark is a
+module of :mod:`slimformer.bench` named in ``_BENCHMARKS``.
 """
 from __future__ import annotations
 
@@ -43,50 +43,20 @@ def _add_info(sub) -> None:
 
 
 # -- bench ------------------------------------------------------------------------------------
-def _add_bench_gptq(bsub) -> None:
-    from .bench import gptq
-
-    p = bsub.add_parser("gptq", help=gptq.SUMMARY, description=gptq.DESCRIPTION,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    gptq.add_arguments(p)
-    p.set_defaults(func=lambda args: gptq.run_cli(args))
-
-
-def _add_bench_gptq_quality(bsub) -> None:
-    from .bench import gptq_quality
-
-    p = bsub.add_parser("gptq-quality", help=gptq_quality.SUMMARY, description=gptq_quality.DESCRIPTION,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    gptq_quality.add_arguments(p)
-    p.set_defaults(func=lambda args: gptq_quality.run_cli(args))
-
-
-def _add_bench_binary(bsub) -> None:
-    from .bench import binary
-
-    p = bsub.add_parser("binary", help=binary.SUMMARY, description=binary.DESCRIPTION,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    binary.add_arguments(p)
-    p.set_defaults(func=lambda args: binary.run_cli(args))
-
-
-def _add_bench_binary_quality(bsub) -> None:
-    from .bench import binary_quality
-
-    p = bsub.add_parser("binary-quality", help=binary_quality.SUMMARY, description=binary_quality.DESCRIPTION,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    binary_quality.add_arguments(p)
-    p.set_defaults(func=lambda args: binary_quality.run_cli(args))
-
-
-_BENCHMARKS: list[Callable] = [_add_bench_gptq, _add_bench_gptq_quality, _add_bench_binary,
-                               _add_bench_binary_quality]
+# command name -> module in slimformer.bench (each has SUMMARY, DESCRIPTION, add_arguments, run_cli)
+_BENCHMARKS = {"gptq": "gptq", "gptq-quality": "gptq_quality", "binary": "binary", "binary-quality": "binary_quality"}
 
 
 def _fill_bench(p: argparse.ArgumentParser) -> None:
+    import importlib
+
     bsub = p.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
-    for add in _BENCHMARKS:
-        add(bsub)
+    for name, module in _BENCHMARKS.items():
+        bench = importlib.import_module(f".bench.{module}", __package__)
+        b = bsub.add_parser(name, help=bench.SUMMARY, description=bench.DESCRIPTION,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        bench.add_arguments(b)
+        b.set_defaults(func=bench.run_cli)
 
 
 def _add_bench(sub) -> None:
