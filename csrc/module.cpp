@@ -59,6 +59,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_supports_avx2", &cpu_supports_avx2, "Whether this CPU has AVX2, FMA and F16C.");
   m.def("cpu_supports_avxvnni", &cpu_supports_avxvnni, "Whether this CPU also has AVX-VNNI.");
   m.def("cpu_supports_avx512vnni", &cpu_supports_avx512vnni, "Whether this CPU has AVX-512 F/BW/VL/VNNI.");
+  m.def("cpu_supports_avx512vpopcntdq", &cpu_supports_avx512vpopcntdq,
+        "Whether this CPU also has AVX512_VPOPCNTDQ (the W1A1 binary kernel at 512 bits).");
   m.def("active_cpu_isa", [] { return std::string(cpu_isa_name(active_cpu_isa())); },
         "The CPU kernel implementation in use: 'scalar', 'avx2', 'avxvnni' or 'avx512vnni'.");
   m.def(

@@ -19,6 +19,7 @@ def build_info() -> dict:
         "cpu supports avx2+fma+f16c": _C.cpu_supports_avx2(),
         "cpu supports avx-vnni": _C.cpu_supports_avxvnni(),
         "cpu supports avx-512 vnni": _C.cpu_supports_avx512vnni(),
+        "cpu supports avx-512 popcnt": _C.cpu_supports_avx512vpopcntdq(),
         "cpu kernel in use": _C.active_cpu_isa(),
         "cuda kernels compiled": bool(_C.has_cuda_kernels),
         "cuda archs": _C.cuda_archs or "-",
