@@ -150,6 +150,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
+    custom = args.shapes is not None or args.batches is not None
     args.shapes = args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
     args.batches = args.batches or (QUICK_BATCHES if args.quick else DEFAULT_BATCHES)
     args.reps = args.reps or (11 if args.quick else 25)
@@ -178,7 +179,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
     log("")
     log(markdown)
     if not args.no_write:
-        tag = "_quick" if args.quick else ""
+        tag = ("_quick" if args.quick else "_custom" if custom else "") + ("_warm" if args.warm_cache else "")
         commit = machine["git_commit"] + ("-dirty" if machine["git_dirty"] else "")
         stem = f"binary_{args.device}{tag}_{_dt.date.today().isoformat()}_{commit}"
         out = args.out if args.out is not None else default_out_dir()
