@@ -14,13 +14,18 @@ def conv1d_type():
     return getattr(module, "Conv1D", None)
 
 
+def linear_types() -> tuple[type, ...]:
+    """nn.Linear and (when transformers is imported) its Conv1D."""
+    conv1d = conv1d_type()
+    return (nn.Linear, conv1d) if conv1d is not None else (nn.Linear,)
+
+
 def weight_layer_types() -> tuple[type, ...]:
-    """nn.Linear, Conv1D, and slimformer's replacements for them (quantized or binarized)."""
+    """:func:`linear_types` and slimformer's replacements for them (quantized or binarized)."""
     from .binary.train_linear import BinaryTrainLinear
     from .nn import BinaryLinear, QuantLinear
 
-    conv1d = conv1d_type()
-    return (nn.Linear, QuantLinear, BinaryLinear, BinaryTrainLinear) + ((conv1d,) if conv1d is not None else ())
+    return linear_types() + (QuantLinear, BinaryLinear, BinaryTrainLinear)
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:

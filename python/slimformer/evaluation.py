@@ -63,6 +63,15 @@ def find_text_file(name: str, text_dir: str | os.PathLike | None = None) -> Path
     return path
 
 
+def _read_text(path_or_text: str | os.PathLike) -> str:
+    """The contents of a file (a ``Path``, or a one-line string naming an existing file), else the
+    string itself (UTF-8)."""
+    text = str(path_or_text)
+    if isinstance(path_or_text, os.PathLike) or ("\n" not in text and len(text) < 4096 and os.path.isfile(text)):
+        return Path(path_or_text).read_text(encoding="utf-8")
+    return text
+
+
 def tokenize_text(tokenizer, path_or_text: str | os.PathLike) -> torch.Tensor:
     """Tokenize a whole text into one stream of token ids, LongTensor ``[T]``.
 
@@ -72,9 +81,7 @@ def tokenize_text(tokenizer, path_or_text: str | os.PathLike) -> torch.Tensor:
 
     >>> ids = tokenize_text(tok, "It is a truth universally acknowledged")   # doctest: +SKIP
     """
-    text = str(path_or_text)
-    if isinstance(path_or_text, os.PathLike) or ("\n" not in text and len(text) < 4096 and os.path.isfile(text)):
-        text = Path(path_or_text).read_text(encoding="utf-8")
+    text = _read_text(path_or_text)
     # verbose=False: no "sequence longer than model_max_length" warning; we cut windows ourselves.
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
@@ -248,10 +255,7 @@ def text_sentences(path_or_text: str | os.PathLike, min_words: int = 6, max_word
     after titles such as ``Mr.``; only
     sentences of ``min_words`` to ``max_words`` words are kept (chapter headings and run-ons drop out).
     """
-    text = str(path_or_text)
-    if isinstance(path_or_text, os.PathLike) or ("\n" not in text and len(text) < 4096 and os.path.isfile(text)):
-        text = Path(path_or_text).read_text(encoding="utf-8")
-    text = re.sub(r"\s+", " ", text.replace("_", ""))
+    text = re.sub(r"\s+", " ", _read_text(path_or_text).replace("_", ""))
     pieces: list[str] = []
     for s in re.split(r"(?:(?<=[.!?])|(?<=[.!?][\"'”’]))\s+(?=[\"'“‘A-Z])", text):
         if pieces and re.search(r"\b(?:Mr|Mrs|Ms|Dr|St|Col|Capt|Gen|Rev)\.$", pieces[-1]):

