@@ -56,7 +56,6 @@ torch.library.register_fake("slimformer::binary_gemm_a1")(_binary_gemm_a1_fake)
 # The weights (qweight, alpha) are constants of an inference module: no gradient. W1A1 binarizes
 # x (a sign), whose gradient is zero almost everywhere: its backward raises rather than return zeros
 # silently; train with slimformer.binary.BinaryTrainLinear (straight-through estimators) instead.
-# Registered only where the C++ library did not already give the op an Autograd kernel.
 def _binary_gemm_setup_context(ctx, inputs, output):
     x, qweight, alpha, bias, in_features = inputs
     ctx.save_for_backward(qweight, alpha)
@@ -88,16 +87,7 @@ def _binary_gemm_a1_backward(ctx, grad):
                        "estimators, slimformer.binary.binarize) and freeze afterwards.")
 
 
-def _has_autograd_kernel(op: str) -> bool:
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(op, "Autograd")
-    except Exception:  # pragma: no cover - private API changed
-        return False
-
-
-if not _has_autograd_kernel("slimformer::binary_gemm"):
-    torch.library.register_autograd("slimformer::binary_gemm", _binary_gemm_backward,
-                                    setup_context=_binary_gemm_setup_context)
-if not _has_autograd_kernel("slimformer::binary_gemm_a1"):
-    torch.library.register_autograd("slimformer::binary_gemm_a1", _binary_gemm_a1_backward,
-                                    setup_context=_binary_gemm_a1_setup_context)
+torch.library.register_autograd("slimformer::binary_gemm", _binary_gemm_backward,
+                                setup_context=_binary_gemm_setup_context)
+torch.library.register_autograd("slimformer::binary_gemm_a1", _binary_gemm_a1_backward,
+                                setup_context=_binary_gemm_a1_setup_context)
