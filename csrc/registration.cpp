@@ -26,4 +26,17 @@ TORCH_LIBRARY(slimformer, m) {
   m.def(
       "binary_gemm_a1(Tensor x, Tensor qweight, Tensor alpha, Tensor? bias, Tensor act_scale, "
       "Tensor act_shift, int in_features) -> Tensor");
+  // Sparse flash attention over a block-CSR plan (attention/sparse_attention_params.h): q [B, Hq, Sq, D],
+  // k, v [B, Hkv, Sk, D] (fp32/fp16/bf16, last dim contiguous) -> out [B, Hq, Sq, D], lse float32 [B, Hq, Sq].
+  // The forward reads the row CSR; it takes the column CSR too so that its autograd formula has it.
+  m.def(
+      "sparse_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor row_ptr, Tensor col_idx, Tensor col_full, "
+      "Tensor col_ptr, Tensor row_idx, Tensor row_full, Tensor? global_mask, Tensor? key_mask, int block_size, int q_offset, int first_q_block, int window_left, "
+      "int window_right, bool causal, float scale) -> (Tensor, Tensor)");
+  // Its backward: (dq, dk, dv) from dout, the forward's inputs, out, lse and both CSR directions.
+  m.def(
+      "sparse_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor row_ptr, "
+      "Tensor col_idx, Tensor col_full, Tensor col_ptr, Tensor row_idx, Tensor row_full, Tensor? global_mask, "
+      "Tensor? key_mask, int block_size, int q_offset, int first_q_block, int window_left, int window_right, "
+      "bool causal, float scale) -> (Tensor, Tensor, Tensor)");
 }
