@@ -7,7 +7,7 @@ Per sequence length n, window w and head dim d (batch, heads fixed) it times, in
 - dense: ``F.scaled_dot_product_attention(q, k, v)`` (full attention: the cost sparse attention removes);
 - masked: SDPA with the pattern's dense boolean mask (the "explicit mask" route; O(n^2) memory, skipped
   above ``--masked-max-len``);
-- flex: ``torch.compile(flex_attention)`` with ``create_block_mask(|q - kv| < w)`` (its default 128 blocks);
+- flex: ``torch.compile(flex_attention)`` with ``create_block_mask(|q - kv| < w)`` (blocks of 128, its default);
 - ours: ``slimformer.ops.sparse_attention`` with ``SlidingWindow(w, causal=False)`` (|i - j| < w).
 
 Each cell first checks ours against masked SDPA (or against flex where masked is skipped). Dense
@@ -57,6 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=tuple(_DTYPES), default=None, help="default fp32 on CPU, fp16 on CUDA")
     p.add_argument("--variants", default=",".join(VARIANTS), help="subset of " + ",".join(VARIANTS))
+    p.add_argument("--flex-block", type=int, default=128, help="FlexAttention BlockMask block size (default 128, its own)")
     p.add_argument("--backward", action="store_true", help="time forward + backward (gradients of q, k, v)")
     p.add_argument("--dense-max-len", type=int, default=32768, help="skip dense SDPA above this n")
     p.add_argument("--masked-max-len", type=int, default=16384,
@@ -149,7 +150,7 @@ def _make_fns(a, q, k, v, n: int, w: int, plan, variants: set[str]) -> tuple[dic
         def window(b, h, qi, kv):
             return (qi - kv).abs() < w
 
-        block_mask = create_block_mask(window, None, None, n, n, device=str(dev))
+        block_mask = create_block_mask(window, None, None, n, n, device=str(dev), BLOCK_SIZE=a.flex_block)
         fwd["flex"] = lambda: flex(q, k, v, block_mask=block_mask)
     if "ours" in variants:
         fwd["ours"] = lambda: ops.sparse_attention(q, k, v, plan)
@@ -289,7 +290,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
         log(f"WARNING: load average {machine['load_avg_1m_at_start']:.2f}: other work is running, timings are noisy")
     config = {"device": args.device, "dtype": args.dtype, "lengths": args.lengths, "windows": args.windows,
               "head_dims": args.head_dims, "heads": args.heads, "batch": args.batch, "variants": args.variant_list,
-              "backward": args.backward, "warmup": args.warmup, "reps": args.reps, "budget_s": args.budget,
+              "backward": args.backward, "flex_block": args.flex_block, "warmup": args.warmup, "reps": args.reps, "budget_s": args.budget,
               "dense_max_len": args.dense_max_len, "masked_max_len": args.masked_max_len, "seed": args.seed,
               "quick": args.quick, "command_line": getattr(args, "command_line", " ".join(sys.argv))}
     log(f"slimformer sparse attention benchmark on {machine['gpu'] or machine['cpu_model']}, torch {machine['torch']}")
