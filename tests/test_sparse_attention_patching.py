@@ -355,3 +355,16 @@ def test_output_attentions_and_square_masks_raise():
         model(**inputs, output_attentions=True)
     with pytest.raises(ValueError, match="2D padding mask"):
         model(**inputs, attention_mask=torch.zeros(1, 1, 20, 20))
+
+
+def test_plan_cached_in_inference_mode_serves_autograd():
+    """Plans are cached per pattern: one first made under torch.inference_mode (an evaluation) must
+    still be usable by a later forward that autograd records (training on the same lengths)."""
+    pattern = SlidingWindow(16)
+    model = sparsify(_make("llama"), pattern)
+    inputs = _inputs("llama", batch=1, seq=80)
+    with torch.inference_mode():
+        _out(model, inputs)
+    assert not pattern.plan(80, causal=True).row_ptr.is_inference()
+    _out(model, inputs).square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

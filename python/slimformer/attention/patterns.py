@@ -88,6 +88,9 @@ class BlockPlan:
         if device == self.col_idx.device:
             return self
         key = str(device)
+        if key not in self._moved and torch.is_inference_mode_enabled():
+            with torch.inference_mode(False):  # cached: keep it usable outside inference mode
+                return self.to(device)
         if key not in self._moved:
             moved = {name: (None if getattr(self, name) is None else getattr(self, name).to(device))
                      for name in ("row_ptr", "col_idx", "col_full", "col_ptr", "row_idx", "row_full", "global_mask")}
@@ -154,11 +157,14 @@ class Pattern:
         q_len, kv_len, q_offset = _check_problem(q_len, kv_len, q_offset)
         key = (q_len, kv_len, q_offset, self._resolve_causal(causal), int(num_heads))
         cache = self.__dict__.setdefault("_plans", {})
-        if key not in cache:
-            if len(cache) > 64:
-                cache.clear()
-            cache[key] = self._make_plan(*key)
-        return cache[key].to(device)
+        # Plans are cached across calls: never make them inference tensors (a plan first made under
+        # torch.inference_mode would otherwise break a later forward that autograd records).
+        with torch.inference_mode(False):
+            if key not in cache:
+                if len(cache) > 64:
+                    cache.clear()
+                cache[key] = self._make_plan(*key)
+            return cache[key].to(device)
 
     def dense_mask(self, q_len: int, kv_len: int | None = None, *, causal: bool = False,
                    q_offset: int | None = None, num_heads: int = 1) -> torch.Tensor:
