@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "attention/sparse_attention_cuda_test_hooks.h"
 #include "binary/binary_cuda_test_hooks.h"
 #include "common/cpu_features.h"
 #include "gptq/gptq_cuda_test_hooks.h"
@@ -83,4 +84,7 @@ PYBIND11_MODULE(_C, m) {
   gptq::cuda::test_hooks::add(m);
   // _test_binary_cuda_*: the binary CUDA kernels' math and host replays (binary/binary_cuda_test_hooks.h).
   binary::cuda::test_hooks::add(m);
+  // _test_sparse_cuda_*: the sparse attention CUDA kernels' math and host replays
+  // (attention/sparse_attention_cuda_test_hooks.h).
+  attention::cuda::test_hooks::add(m);
 }
