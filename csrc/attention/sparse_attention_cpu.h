@@ -31,6 +31,11 @@ struct SparseAttentionCpuData {
   const void* dout = nullptr;
   const float* lse2 = nullptr;
   const float* delta = nullptr;
+  // Backward scratch shared by its two passes, float [B * Hq * num_q_blocks][D][block_size]: per
+  // (b, h, query tile) Q^T * scale * log2(e) and dO^T, written by the dQ pass and read by the
+  // dK / dV pass (which visits each query tile once per key tile instead of repacking it).
+  float* qt_cache = nullptr;
+  float* dot_cache = nullptr;
   // Backward outputs, float32 contiguous: dq [B, Hq, Sq, D], dk and dv [B, Hkv, Sk, D].
   float* dq = nullptr;
   float* dk = nullptr;

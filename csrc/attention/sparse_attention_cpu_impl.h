@@ -230,13 +230,13 @@ inline QueryTile query_tile(const SparseAttentionParams& p, int64_t r) {
 
 // Scratch of one thread: every buffer is O(block_size * head_dim).
 struct Scratch {
-  std::vector<float> rows, Xt, Yt, S, P2, acc, acc2, kpack, vpack, col_a, col_b, col_c, col_d, gq;
+  std::vector<float> rows, Xt, S, P2, acc, acc2, kpack, vpack, col_a, col_b, col_c, col_d, gq;
   int64_t Dp = 0, bsp = 0;
   Scratch(int64_t bs, int64_t D, int W) {
     Dp = (D + W - 1) / W * W;
     bsp = (bs + W - 1) / W * W;
     for (auto* v : {&rows, &kpack, &vpack, &acc, &acc2}) v->assign(bsp * Dp, 0.0f);
-    for (auto* v : {&Xt, &Yt}) v->assign(D * bsp, 0.0f);
+    Xt.assign(D * bsp, 0.0f);
     for (auto* v : {&S, &P2}) v->assign(bsp * bsp, 0.0f);
     for (auto* v : {&col_a, &col_b, &col_c, &col_d, &gq}) v->assign(bsp, 0.0f);
   }
@@ -383,25 +383,16 @@ void fwd_range(const SparseAttentionParams& p, const SparseAttentionCpuData& io,
 
 // ---- backward -------------------------------------------------------------------------------------
 
-// Per query tile of (b, h): rows of Q (unscaled) into qrows and of dO into orows, both [nq][Dp];
-// Q^T with scale * log2(e) folded in (scores in the forward's log2 units) into Xt, dO^T into Yt;
-// lse2 / delta per column into col_a / col_b (padding columns: +inf / 0, so their P is 0).
-template <class V>
-inline void pack_query_side(const SparseAttentionParams& p, const SparseAttentionCpuData& io, Scratch& sc, int64_t b,
-                            int64_t h, const QueryTile& qt, float* qrows, float* orows) {
-  const int64_t D = p.head_dim, Dp = sc.Dp, ld = sc.bsp;
-  pack_rows<V>(io.dtype, io.q, b * p.q_stride_b + h * p.q_stride_h + qt.i0 * p.q_stride_s, p.q_stride_s, qt.nq, D, Dp,
-               1.0f, qrows);
-  const float qmul = p.scale * kLog2e;
-  for (int64_t d = 0; d < D; ++d) {
-    float* x = sc.Xt.data() + d * ld;
-    for (int64_t i = 0; i < qt.nq; ++i) x[i] = qrows[i * Dp + d] * qmul;
-    for (int64_t i = qt.nq; i < ld; ++i) x[i] = 0.0f;
-  }
-  pack_rows<V>(io.dtype, io.dout, ((b * p.q_heads + h) * p.q_len + qt.i0) * D, D, qt.nq, D, Dp, 1.0f, orows);
-  transpose_rows(orows, qt.nq, D, Dp, ld, sc.Yt.data());
+// Offset of (b, h, query tile r) in the backward's Q^T / dO^T caches.
+inline int64_t cache_slot(const SparseAttentionParams& p, int64_t b, int64_t h, int64_t r) {
+  return ((b * p.q_heads + h) * p.num_q_blocks + r) * p.head_dim * p.block_size;
+}
+
+// lse2 / delta of the tile's query rows into col_a / col_b (padding columns: +inf / 0, so P = 0).
+inline void query_cols(const SparseAttentionParams& p, const SparseAttentionCpuData& io, Scratch& sc, int64_t b,
+                       int64_t h, const QueryTile& qt) {
   const int64_t roff = (b * p.q_heads + h) * p.q_len + qt.i0;
-  for (int64_t c = 0; c < ld; ++c) {
+  for (int64_t c = 0; c < sc.bsp; ++c) {
     const bool in = c < qt.nq;
     sc.col_a[c] = in ? io.lse2[roff + c] : std::numeric_limits<float>::infinity();
     sc.col_b[c] = in ? io.delta[roff + c] : 0.0f;
@@ -419,7 +410,16 @@ void dq_range(const SparseAttentionParams& p, const SparseAttentionCpuData& io, 
     const int64_t hk = (it / groups / p.num_q_blocks) % p.kv_heads, b = it / groups / p.num_q_blocks / p.kv_heads;
     const int64_t h = hk * groups + g, lh = p.layout_heads == 1 ? 0 : h;
     const QueryTile qt = query_tile<V>(p, r);
-    pack_query_side<V>(p, io, sc, b, h, qt, sc.rows.data(), sc.rows.data());
+    // Q^T (scores in the forward's log2 units) and dO^T, kept for the dK / dV pass.
+    float* Xt = io.qt_cache + cache_slot(p, b, h, r);
+    float* Yt = io.dot_cache + cache_slot(p, b, h, r);
+    pack_rows<V>(io.dtype, io.q, b * p.q_stride_b + h * p.q_stride_h + qt.i0 * p.q_stride_s, p.q_stride_s, qt.nq, D,
+                 Dp, p.scale * kLog2e, sc.rows.data());
+    transpose_rows(sc.rows.data(), qt.nq, D, Dp, ld, Xt);
+    pack_rows<V>(io.dtype, io.dout, ((b * p.q_heads + h) * p.q_len + qt.i0) * D, D, qt.nq, D, Dp, 1.0f,
+                 sc.rows.data());
+    transpose_rows(sc.rows.data(), qt.nq, D, Dp, ld, Yt);
+    query_cols(p, io, sc, b, h, qt);
     const float* gq = global_cols(p, qt, V::W, sc.gq.data());
     std::fill(dQ, dQ + qt.nq * Dp, 0.0f);
     const int64_t kv_off = b * p.k_stride_b + hk * p.k_stride_h, v_off = b * p.v_stride_b + hk * p.v_stride_h;
@@ -432,10 +432,10 @@ void dq_range(const SparseAttentionParams& p, const SparseAttentionCpuData& io, 
                                   sc.kpack.data(), ldk);
       const float* Vr = kv_rows<V>(io.dtype, io.v, v_off + j0 * p.v_stride_s, p.v_stride_s, nk, D, Dp,
                                    sc.vpack.data(), ldv);
-      kq<V>(nk, D, K, ldk, sc.Xt.data(), ld, qt.nv, S, ld);
+      kq<V>(nk, D, K, ldk, Xt, ld, qt.nv, S, ld);
       mask_tile<V>(p, b, S, ld, qt.p_lo, qt.nv, j0, nk, p.col_full[e] != 0, gq);
       probs_from_lse<V>(S, ld, nk, qt.nv, sc.col_a.data());
-      kq<V>(nk, D, Vr, ldv, sc.Yt.data(), ld, qt.nv, DP, ld);
+      kq<V>(nk, D, Vr, ldv, Yt, ld, qt.nv, DP, ld);
       dscores<V>(S, DP, ld, nk, qt.nv, sc.col_b.data());
       gemm<V>(qt.nq, Dp, nk, S, 1, ld, K, ldk, dQ, Dp, nullptr, true);
     }
@@ -467,16 +467,24 @@ void dkdv_range(const SparseAttentionParams& p, const SparseAttentionCpuData& io
       const int64_t h = hk * groups + g, lh = p.layout_heads == 1 ? 0 : h;
       const int32_t* cp = p.col_ptr + lh * (p.num_k_blocks + 1);
       for (int32_t e = cp[c]; e < cp[c + 1]; ++e) {
-        const QueryTile qt = query_tile<V>(p, p.row_idx[e]);
-        pack_query_side<V>(p, io, sc, b, h, qt, qrows.data(), orows.data());
+        const int64_t r = p.row_idx[e];
+        const QueryTile qt = query_tile<V>(p, r);
+        const float* Xt = io.qt_cache + cache_slot(p, b, h, r);
+        const float* Yt = io.dot_cache + cache_slot(p, b, h, r);
+        int64_t ldq, ldo;
+        const float* Qr = kv_rows<V>(io.dtype, io.q, b * p.q_stride_b + h * p.q_stride_h + qt.i0 * p.q_stride_s,
+                                     p.q_stride_s, qt.nq, D, Dp, qrows.data(), ldq);
+        const float* dOr = kv_rows<V>(io.dtype, io.dout, ((b * p.q_heads + h) * p.q_len + qt.i0) * D, D, qt.nq, D, Dp,
+                                      orows.data(), ldo);
+        query_cols(p, io, sc, b, h, qt);
         const float* gq = global_cols(p, qt, V::W, sc.gq.data());
-        kq<V>(nk, D, K, ldk, sc.Xt.data(), ld, qt.nv, S, ld);
+        kq<V>(nk, D, K, ldk, Xt, ld, qt.nv, S, ld);
         mask_tile<V>(p, b, S, ld, qt.p_lo, qt.nv, j0, nk, p.row_full[e] != 0, gq);
         probs_from_lse<V>(S, ld, nk, qt.nv, sc.col_a.data());
-        gemm<V>(nk, Dp, qt.nq, S, ld, 1, orows.data(), Dp, dV.data(), Dp, nullptr, true);
-        kq<V>(nk, D, Vr, ldv, sc.Yt.data(), ld, qt.nv, DP, ld);
+        gemm<V>(nk, Dp, qt.nq, S, ld, 1, dOr, ldo, dV.data(), Dp, nullptr, true);
+        kq<V>(nk, D, Vr, ldv, Yt, ld, qt.nv, DP, ld);
         dscores<V>(S, DP, ld, nk, qt.nv, sc.col_b.data());
-        gemm<V>(nk, Dp, qt.nq, S, ld, 1, qrows.data(), Dp, dK.data(), Dp, nullptr, true);
+        gemm<V>(nk, Dp, qt.nq, S, ld, 1, Qr, ldq, dK.data(), Dp, nullptr, true);
       }
     }
     float* dk = io.dk + ((b * p.kv_heads + hk) * p.kv_len + j0) * D;

@@ -150,6 +150,27 @@ Problem check_problem(const char* op, const at::Tensor& q, const at::Tensor& k, 
   return pr;
 }
 
+// fp16 / bf16 inputs: the kernels convert key and value rows to fp32 at every visit of a key tile.
+// When the plan visits the average key tile at least twice (anything but decoding a few tokens),
+// converting q, k, v once here is cheaper (linear memory); the kernels then run on fp32.
+struct Staged {
+  at::Tensor q, k, v;
+};
+
+Staged stage_inputs(Problem& pr, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  if (pr.dtype == ElemType::kFloat32) return {q, k, v};
+  const SparseAttentionParams& p = pr.p;
+  const int64_t visits = pr.col_idx.size(0) * p.batch * (p.layout_heads == 1 ? p.q_heads : 1);
+  if (visits < 2 * p.batch * p.kv_heads * p.num_k_blocks) return {q, k, v};
+  Staged st{q.to(at::kFloat), k.to(at::kFloat), v.to(at::kFloat)};
+  SparseAttentionParams& w = pr.p;
+  w.q_stride_b = st.q.stride(0), w.q_stride_h = st.q.stride(1), w.q_stride_s = st.q.stride(2);
+  w.k_stride_b = st.k.stride(0), w.k_stride_h = st.k.stride(1), w.k_stride_s = st.k.stride(2);
+  w.v_stride_b = st.v.stride(0), w.v_stride_h = st.v.stride(1), w.v_stride_s = st.v.stride(2);
+  pr.dtype = ElemType::kFloat32;
+  return st;
+}
+
 using KernelFn = void (*)(const SparseAttentionParams&, const SparseAttentionCpuData&, int64_t, int64_t);
 
 struct Kernels {
@@ -176,15 +197,16 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cpu(
     const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& key_mask, int64_t block_size,
     int64_t q_offset, int64_t first_q_block, int64_t window_left, int64_t window_right, bool causal, double scale) {
   constexpr const char* op = "slimformer.sparse_attention_fwd";
-  const Problem pr = check_problem(op, q, k, v, row_ptr, col_idx, col_full, col_ptr, row_idx, row_full, global_mask,
-                                   key_mask, block_size, q_offset, first_q_block, window_left, window_right, causal,
-                                   scale, /*check_col_csr=*/false);
+  Problem pr = check_problem(op, q, k, v, row_ptr, col_idx, col_full, col_ptr, row_idx, row_full, global_mask, key_mask,
+                             block_size, q_offset, first_q_block, window_left, window_right, causal, scale,
+                             /*check_col_csr=*/false);
+  const Staged st = stage_inputs(pr, q, k, v);
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor out = at::empty(q.sizes(), f32);
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, f32);
   SparseAttentionCpuData d;
   d.dtype = pr.dtype;
-  d.q = q.data_ptr(), d.k = k.data_ptr(), d.v = v.data_ptr();
+  d.q = st.q.data_ptr(), d.k = st.k.data_ptr(), d.v = st.v.data_ptr();
   d.out = out.data_ptr<float>(), d.lse = lse.data_ptr<float>();
   run_items(pick_kernels().fwd, pr.p, d, fwd_items(pr.p));
   return {q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type()), lse};
@@ -197,9 +219,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
     const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& key_mask, int64_t block_size,
     int64_t q_offset, int64_t first_q_block, int64_t window_left, int64_t window_right, bool causal, double scale) {
   constexpr const char* op = "slimformer.sparse_attention_bwd";
-  const Problem pr = check_problem(op, q, k, v, row_ptr, col_idx, col_full, col_ptr, row_idx, row_full, global_mask,
-                                   key_mask, block_size, q_offset, first_q_block, window_left, window_right, causal,
-                                   scale, /*check_col_csr=*/true);
+  Problem pr = check_problem(op, q, k, v, row_ptr, col_idx, col_full, col_ptr, row_idx, row_full, global_mask, key_mask,
+                             block_size, q_offset, first_q_block, window_left, window_right, causal, scale,
+                             /*check_col_csr=*/true);
   TORCH_CHECK_VALUE(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), op, ": dout ", dout.sizes(), " and out ",
                     out.sizes(), " must have q's shape ", q.sizes());
   TORCH_CHECK_VALUE(dout.device().is_cpu() && out.device().is_cpu() && lse.device().is_cpu(), op,
@@ -210,19 +232,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
   const auto f32 = q.options().dtype(at::kFloat);
   // Per query row: delta = rowsum(dout * out) and lse in log2 units (+inf for rows without any
   // allowed key, whose probabilities must all be 0). Both are O(B * Hq * Sq * D).
-  const at::Tensor dout_c = dout.to(q.scalar_type()).contiguous();
+  const Staged st = stage_inputs(pr, q, k, v);
+  const at::Tensor dout_c = dout.to(st.q.scalar_type()).contiguous();
   const at::Tensor delta = (dout_c.to(at::kFloat) * out.to(at::kFloat)).sum(-1).contiguous();
   const at::Tensor lse2 =
       at::where(at::isneginf(lse), at::full({}, INFINITY, f32), lse * static_cast<float>(M_LOG2E)).contiguous();
+  const int64_t cache = pr.p.batch * pr.p.q_heads * pr.p.num_q_blocks * pr.p.head_dim * pr.p.block_size;
+  at::Tensor qt_cache = at::empty({cache}, f32), dot_cache = at::empty({cache}, f32);
   at::Tensor dq = at::empty(q.sizes(), f32), dk = at::empty(k.sizes(), f32), dv = at::empty(v.sizes(), f32);
   SparseAttentionCpuData d;
   d.dtype = pr.dtype;
-  d.q = q.data_ptr(), d.k = k.data_ptr(), d.v = v.data_ptr();
+  d.q = st.q.data_ptr(), d.k = st.k.data_ptr(), d.v = st.v.data_ptr();
   d.dout = dout_c.data_ptr();
   d.lse2 = lse2.data_ptr<float>(), d.delta = delta.data_ptr<float>();
+  d.qt_cache = qt_cache.data_ptr<float>(), d.dot_cache = dot_cache.data_ptr<float>();
   d.dq = dq.data_ptr<float>(), d.dk = dk.data_ptr<float>(), d.dv = dv.data_ptr<float>();
   const Kernels kn = pick_kernels();
-  run_items(kn.dq, pr.p, d, fwd_items(pr.p));
+  run_items(kn.dq, pr.p, d, fwd_items(pr.p));  // also fills the Q^T / dO^T caches
   run_items(kn.dkdv, pr.p, d, dkdv_items(pr.p));
   if (q.scalar_type() == at::kFloat) return {dq, dk, dv};
   return {dq.to(q.scalar_type()), dk.to(q.scalar_type()), dv.to(q.scalar_type())};
