@@ -260,11 +260,16 @@ def test_gradients_match_dense_masked(arch):
     grads = []
     for m, kw in ((model, inputs), (ref, {**inputs, "attention_mask": additive})):
         m.zero_grad()
-        (_out(m, kw) * rows).square().mean().backward()
+        out = _out(m, kw)
+        # a fixed random projection (a sum of squares of LayerNorm outputs would have ~0 gradient)
+        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+        (out * rows * weight).sum().backward()
         grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 4
     for n in grads[1]:
         assert torch.isfinite(grads[0][n]).all(), n
+        if n.endswith("key.bias"):  # softmax ignores q.b_k (the same for every key): its gradient is ~0, noise
+            continue
         _assert_close(grads[0][n], grads[1][n], tol=1e-4)
 
 
@@ -366,5 +371,5 @@ def test_plan_cached_in_inference_mode_serves_autograd():
     with torch.inference_mode():
         _out(model, inputs)
     assert not pattern.plan(80, causal=True).row_ptr.is_inference()
-    _out(model, inputs).square().mean().backward()
+    (_out(model, inputs) * torch.randn(1, 80, VOCAB)).sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
