@@ -218,7 +218,7 @@ __global__ void __launch_bounds__(kMmaMaxWarps* kWarpSize) fwd_mma_kernel(FwdK a
   RowState st[2] = {row_init(), row_init()};  // rows frag_c_row(lane, 0) and frag_c_row(lane, 2)
   const float sl2 = p.scale * kLog2e;
 
-  const KeyRange ents = row_entries(lh, cr.plan_row, p);
+  const KeyRange ents = clamp_entries(row_entries(lh, cr.plan_row, p), a.nnz);
   for (int64_t ent = ents.lo; ent < ents.hi; ++ent) {
     const int64_t c = p.col_idx[ent];
     if (c < 0 || c >= p.num_k_blocks) continue;
@@ -355,7 +355,7 @@ __global__ void __launch_bounds__(kSimtThreads) fwd_simt_kernel(FwdK args) {
   RowState st = row_init();
   const float sl2 = p.scale * kLog2e;
 
-  const KeyRange ents = row_entries(lh, cr.plan_row, p);
+  const KeyRange ents = clamp_entries(row_entries(lh, cr.plan_row, p), a.nnz);
   for (int64_t ent = ents.lo; ent < ents.hi; ++ent) {
     const int64_t c = p.col_idx[ent];
     if (c < 0 || c >= p.num_k_blocks) continue;
@@ -455,7 +455,7 @@ __global__ void __launch_bounds__(kSimtThreads) bwd_dq_kernel(BwdK args) {
   const float delta = ok ? a.delta[row] : 0.0f;
   const float sl2 = p.scale * kLog2e;
 
-  const KeyRange ents = row_entries(lh, cr.plan_row, p);
+  const KeyRange ents = clamp_entries(row_entries(lh, cr.plan_row, p), a.nnz);
   for (int64_t ent = ents.lo; ent < ents.hi; ++ent) {
     const int64_t c = p.col_idx[ent];
     if (c < 0 || c >= p.num_k_blocks) continue;
@@ -528,7 +528,7 @@ __global__ void __launch_bounds__(kSimtThreads) bwd_dkdv_kernel(BwdK args) {
     const T* q = static_cast<const T*>(a.q) + b * p.q_stride_b + h * p.q_stride_h;
     const int64_t row0 = (b * p.q_heads + h) * p.q_len;  // row of query index 0 in dout / lse / delta
     const T* dout = static_cast<const T*>(a.dout) + row0 * D;
-    const KeyRange ents = col_entries(lh, kr.plan_row, p);
+    const KeyRange ents = clamp_entries(col_entries(lh, kr.plan_row, p), a.nnz);
     for (int64_t ent = ents.lo; ent < ents.hi; ++ent) {
       const int64_t r = p.row_idx[ent];
       if (r < 0 || r >= p.num_q_blocks) continue;

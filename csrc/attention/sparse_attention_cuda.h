@@ -24,6 +24,7 @@ struct FwdArgs {
   const void* v;
   void* out;   // [B, Hq, Sq, D] contiguous, dtype
   float* lse;  // [B, Hq, Sq] contiguous
+  int64_t nnz;  // entries of col_idx: CSR ranges are clamped to it (their contents are never checked on the host)
 };
 // fp16 / bf16: tensor-core kernel; fp32: SIMT kernel.
 cudaError_t launch_fwd(const FwdArgs& a, cudaStream_t stream);
@@ -41,6 +42,7 @@ struct BwdArgs {
   void* dq;          // [B, Hq, Sq, D] contiguous
   void* dk;          // [B, Hkv, Sk, D] contiguous
   void* dv;
+  int64_t nnz;  // entries of col_idx / row_idx (see FwdArgs)
 };
 // delta = rowsum(dout * out), then the dQ kernel and the dK/dV kernel (SIMT, fp32 math).
 cudaError_t launch_bwd(const BwdArgs& a, cudaStream_t stream);

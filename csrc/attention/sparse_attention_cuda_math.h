@@ -119,6 +119,13 @@ SF_HD KeyRange col_entries(int lh, int64_t key_tile, const SparseAttentionParams
   return {cp[0], cp[1]};
 }
 
+// A CSR range clipped to [0, nnz): a corrupt row_ptr / col_ptr can then not make a kernel read outside
+// col_idx / row_idx (the adapter cannot check their contents without a host sync).
+SF_HD KeyRange clamp_entries(KeyRange r, int64_t nnz) {
+  const int64_t lo = r.lo < 0 ? 0 : r.lo, hi = r.hi > nnz ? nnz : r.hi;
+  return {lo, hi};
+}
+
 // ---- the element rule (sparse_attention_params.h) ----
 // key_mask_row: key_mask + b * key_mask_stride_b, or null.
 SF_HD bool element_allowed(const SparseAttentionParams& p, const uint8_t* key_mask_row, bool full, int64_t pos,

@@ -9,6 +9,7 @@
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <tuple>
 
 #include "attention/sparse_attention_cuda.h"
@@ -52,7 +53,7 @@ Inputs prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const a
                const c10::optional<at::Tensor>& global_mask, const c10::optional<at::Tensor>& key_mask,
                int64_t block_size, int64_t q_offset, int64_t first_q_block, int64_t window_left,
                int64_t window_right, bool causal, double scale) {
-  TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, ": q, k, v must be [B, H, S, D]; got ",
+  TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, ": q, k, v must be 4-D [B, H, S, D]; got ",
                     q.sizes(), ", ", k.sizes(), ", ", v.sizes());
   TORCH_CHECK_VALUE(q.is_cuda(), op, ": q is on ", q.device(), " but this is the CUDA kernel");
   const at::Device dev = q.device();
@@ -61,7 +62,7 @@ Inputs prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const a
   const auto dt = q.scalar_type();
   TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
                     ": q must be float32, float16 or bfloat16, got ", dt);
-  TORCH_CHECK_VALUE(k.scalar_type() == dt && v.scalar_type() == dt, op, ": k and v must have q's dtype ", dt,
+  TORCH_CHECK_VALUE(k.scalar_type() == dt && v.scalar_type() == dt, op, ": q, k and v must share one dtype, got q ", dt,
                     ", got ", k.scalar_type(), " and ", v.scalar_type());
   TORCH_CHECK_VALUE(k.sizes() == v.sizes(), op, ": k and v must have one shape, got ", k.sizes(), " and ",
                     v.sizes());
@@ -101,8 +102,13 @@ Inputs prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const a
                         row_full.size(0) == col_idx.size(0),
                     op, ": col_idx, col_full, row_idx, row_full must have one length (nnz), got ", col_idx.size(0),
                     ", ", col_full.size(0), ", ", row_idx.size(0), ", ", row_full.size(0));
-  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, op, ": window_left / window_right must be >= -1, got ",
+  TORCH_CHECK_VALUE((window_left == -1 && window_right == -1) || (window_left >= 0 && window_right >= 0 &&
+                                                                   window_left < (int64_t{1} << 31) &&
+                                                                   window_right < (int64_t{1} << 31)),
+                    op, ": window_left / window_right must both be -1 (no window) or both in [0, 2^31), got ",
                     window_left, " and ", window_right);
+  TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  TORCH_CHECK_VALUE(col_idx.size(0) < (int64_t{1} << 31), op, ": col_idx has more than 2^31 entries");
   TORCH_CHECK_VALUE(q.size(1) <= cuda::kMaxGridYZ && q.size(0) <= cuda::kMaxGridYZ, op, ": batch (", q.size(0),
                     ") and query heads (", q.size(1), ") must be at most ", cuda::kMaxGridYZ, " on CUDA");
 
@@ -190,6 +196,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cuda(
   a.v = v.data_ptr();
   a.out = out.data_ptr();
   a.lse = lse.data_ptr<float>();
+  a.nnz = col_idx.size(0);
   check_launch(cuda::launch_fwd(a, c10::cuda::getCurrentCUDAStream()), "forward launch");
   return {out, lse};
 }
@@ -234,6 +241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cuda(
   a.dq = dq.data_ptr();
   a.dk = dk.data_ptr();
   a.dv = dv.data_ptr();
+  a.nnz = col_idx.size(0);
   check_launch(cuda::launch_bwd(a, c10::cuda::getCurrentCUDAStream()), "backward launch");
   return {dq, dk, dv};
 }

@@ -160,7 +160,7 @@ inline void replay_fwd_mma(const Problem& pr, int mode, float* out, float* lse_o
                   qa[(l * KS + kk) * 8 + 2 * r + 1] = src[1];
                 }
               }
-          const KeyRange ents = row_entries(lh, cr.plan_row, p);
+          const KeyRange ents = clamp_entries(row_entries(lh, cr.plan_row, p), pr.col_idx.size());
           for (int64_t ent = ents.lo; ent < ents.hi; ++ent) {
             const int64_t c = p.col_idx[ent];
             if (c < 0 || c >= p.num_k_blocks) continue;
@@ -296,7 +296,7 @@ inline void replay_fwd_simt(const Problem& pr, float* out, float* lse_out) {
           const bool ok = pos >= cr.lo && pos < cr.hi;
           for (int i = 0; i < N; ++i) qv[t * N + i] = ok ? q[(pos - p.q_offset) * p.q_stride_s + simt_dim(t, i)] : 0.0f;
         }
-        const KeyRange ents = row_entries(lh, cr.plan_row, p);
+        const KeyRange ents = clamp_entries(row_entries(lh, cr.plan_row, p), pr.col_idx.size());
         for (int64_t ent = ents.lo; ent < ents.hi; ++ent) {
           const int64_t c = p.col_idx[ent];
           if (c < 0 || c >= p.num_k_blocks) continue;
@@ -403,7 +403,7 @@ inline void replay_bwd(const Problem& pr, const float* dout, const float* outp, 
             dov[t * N + i] = ok ? dout[row * D + simt_dim(t, i)] : 0.0f;
           }
         }
-        const KeyRange ents = row_entries(lh, cr.plan_row, p);
+        const KeyRange ents = clamp_entries(row_entries(lh, cr.plan_row, p), pr.col_idx.size());
         for (int64_t ent = ents.lo; ent < ents.hi; ++ent) {
           const int64_t c = p.col_idx[ent];
           if (c < 0 || c >= p.num_k_blocks) continue;
@@ -480,7 +480,7 @@ inline void replay_bwd(const Problem& pr, const float* dout, const float* outp, 
           const int lh = layout_head(h, p);
           const float* q = pr.q.data() + b * p.q_stride_b + h * p.q_stride_h;
           const int64_t row0 = (b * p.q_heads + h) * p.q_len;
-          const KeyRange ents = col_entries(lh, kr.plan_row, p);
+          const KeyRange ents = clamp_entries(col_entries(lh, kr.plan_row, p), pr.row_idx.size());
           for (int64_t ent = ents.lo; ent < ents.hi; ++ent) {
             const int64_t r = p.row_idx[ent];
             if (r < 0 || r >= p.num_q_blocks) continue;
@@ -598,7 +598,7 @@ inline std::tuple<py::array_t<bool>, int64_t> visited_mask(const F32Array& q, co
     for (int64_t x = 0; x < cta_count(rows, p); ++x) {
       const CtaRows cr = cta_rows(x, rows, p);
       if (cr.lo >= cr.hi) continue;
-      const KeyRange ents = row_entries(lh, cr.plan_row, p);
+      const KeyRange ents = clamp_entries(row_entries(lh, cr.plan_row, p), pr.col_idx.size());
       for (int64_t ent = ents.lo; ent < ents.hi; ++ent) {
         const int64_t c = p.col_idx[ent];
         const bool full = p.col_full[ent] != 0;
