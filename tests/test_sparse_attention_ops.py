@@ -82,7 +82,7 @@ def test_forward_patterns(case):
     _check_forward(q, k, v, plan, allowed, key_mask, scale=0.3)
 
 
-@pytest.mark.parametrize("Sq", [1, 2, 3, 5])
+@pytest.mark.parametrize("Sq", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("pattern", [SlidingWindow(64), BigBird(32, random_blocks=2), SlidingWindow(16, global_tokens=(0, 1))],
                          ids=["window", "bigbird", "window-globals"])
 @pytest.mark.parametrize("Hkv", [1, 2], ids=["mqa", "gqa"])

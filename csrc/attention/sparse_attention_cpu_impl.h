@@ -228,17 +228,19 @@ inline QueryTile query_tile(const SparseAttentionParams& p, int64_t r) {
   return qt;
 }
 
-// Scratch of one thread: every buffer is O(block_size * head_dim).
+// Scratch of one thread, every buffer O(block_size * head_dim): staged rows, the packed Q^T of the
+// forward, score tiles S^T and dP^T, the output / dQ accumulator, converted key and value rows, and
+// per-column statistics (running max / lse2, sum / delta, alpha, global-query flags).
 struct Scratch {
-  std::vector<float> rows, Xt, S, P2, acc, acc2, kpack, vpack, col_a, col_b, col_c, col_d, gq;
+  std::vector<float> rows, Xt, S, P2, acc, kpack, vpack, col_a, col_b, col_c, gq;
   int64_t Dp = 0, bsp = 0;
   Scratch(int64_t bs, int64_t D, int W) {
     Dp = (D + W - 1) / W * W;
     bsp = (bs + W - 1) / W * W;
-    for (auto* v : {&rows, &kpack, &vpack, &acc, &acc2}) v->assign(bsp * Dp, 0.0f);
+    for (auto* v : {&rows, &kpack, &vpack, &acc}) v->assign(bsp * Dp, 0.0f);
     Xt.assign(D * bsp, 0.0f);
     for (auto* v : {&S, &P2}) v->assign(bsp * bsp, 0.0f);
-    for (auto* v : {&col_a, &col_b, &col_c, &col_d, &gq}) v->assign(bsp, 0.0f);
+    for (auto* v : {&col_a, &col_b, &col_c, &gq}) v->assign(bsp, 0.0f);
   }
 };
 
