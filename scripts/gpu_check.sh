@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check (GUIDE.md section 6), one call on the GPU machine, about 8 minutes at most:
-#   build for the local arch only -> build info -> CUDA tests -> compute-sanitizer memcheck ->
+#   build for the local arch only -> build info -> CUDA tests -> sparse attention kernels -> compute-sanitizer memcheck ->
 #   GPU benchmarks (GPTQ, binary) -> CPU tests -> racecheck / initcheck of the shared-memory kernel (if time is left)
 # and a report (report.md, report.json, logs/) under $OUT (default ./gpu_report). Every step has a
 # time limit within a total budget; a failing step is recorded, never fatal. Without a GPU the GPU
@@ -107,6 +107,15 @@ else
   skip_step cuda_tests "no GPU"
 fi
 
+# Sparse attention: tests/test_sparse_attention_cuda.py (marker `cuda`) already ran in cuda_tests; this
+# step runs every sparse kernel once on its own (tensor-core and SIMT forward, SIMT backward) so that a
+# verdict on them appears in the table even when cuda_tests times out or crashes.
+if [[ -n "$CC" ]]; then
+  run_step sparse_attention 60 "$PY" scripts/gpu_memcheck.py --only sparse
+else
+  skip_step sparse_attention "no GPU"
+fi
+
 MEMCHECK_ENV=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1)  # one allocation per tensor: exact bounds
 if [[ -z "$CC" ]]; then
   skip_step memcheck "no GPU"
@@ -130,6 +139,10 @@ if [[ -z "$CC" ]]; then
 else
   run_step bench_binary 90 "$PY" -m slimformer.bench binary --device cuda --budget 1.5 --out "$OUT/bench_binary"
 fi
+
+# -- GPU benchmark of the sparse attention kernels: reserved for whoever writes it, e.g.
+#   run_step bench_sparse 90 "$PY" -m slimformer.bench sparse --device cuda --out "$OUT/bench_sparse"
+# (add "bench_sparse" to the bench_md directory list of the report below).
 
 run_step cpu_tests 120 "$PY" -m pytest -m "not cuda" -q -p no:cacheprovider "${XDIST[@]}" tests
 

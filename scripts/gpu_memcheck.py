@@ -11,7 +11,11 @@ Binary (1-bit) ops: the gemv kernel with one split and with split-K (+ finish ke
 1/2/4/8, N % 16 != 0 and K % 32 != 0 tails, the large-batch unpack + cuBLAS path, and the W1A1 pack
 + popcount kernels (several token tiles and row groups); compared with the fp64 references.
 
-``--only gemv`` limits the run to the shared-memory kernels (for racecheck / synccheck, which are slow).
+Sparse attention: the tensor-core forward (fp16, bf16), the SIMT forward (fp32) and the SIMT backward
+kernels (delta, dQ, dK/dV) once each on small ragged shapes (97 keys, block 16, GQA, padding, decode),
+compared with the CPU op. They stage K / V / Q through shared memory, so they run under ``--only gemv`` too.
+
+``--only sparse`` runs the sparse attention cases alone. ``--only gemv`` limits the run to the shared-memory kernels (for racecheck / synccheck, which are slow).
 """
 from __future__ import annotations
 
@@ -91,9 +95,41 @@ def binary_cases() -> None:
     binary_case("pack+popcount groups", 70, 576, 130, torch.bfloat16, a1=True, bias=False)
 
 
+def sparse_case(name, pattern, Sq, Sk, dtype, D=64, Hq=2, Hkv=1, causal=False, padding=False, backward=True):
+    """One sparse attention call on CUDA (forward, and backward through autograd), compared with the CPU op."""
+    from slimformer.ops.attention import sparse_attention
+
+    plan = pattern.plan(Sq, Sk, causal=causal, num_heads=Hq)
+    q, k, v = (torch.randn(2, h, s, D).to(dtype) for h, s in ((Hq, Sq), (Hkv, Sk), (Hkv, Sk)))
+    km = None
+    if padding:
+        km = torch.ones(2, Sk, dtype=torch.bool)
+        km[0, Sk - Sk // 3:] = False
+    want = sparse_attention(q.float(), k.float(), v.float(), plan, key_mask=km)
+    qc, kc, vc = (t.cuda().requires_grad_(backward) for t in (q, k, v))
+    got = sparse_attention(qc, kc, vc, plan, key_mask=None if km is None else km.cuda())
+    if backward:
+        got.backward(torch.ones_like(got))
+    torch.cuda.synchronize()
+    check(f"sparse {name} Sq={Sq} Sk={Sk} D={D} {str(dtype)[6:]}", got.detach(), want,
+          1e-4 if dtype == torch.float32 else 2e-2)
+
+
+def sparse_cases() -> None:
+    from slimformer.attention import BigBird, SlidingWindow
+
+    # mma forward (fp16 / bf16), SIMT forward (fp32), SIMT backward (delta, dQ, dK/dV) for each; ragged
+    # tails (97 keys), block 16 (1-warp CTAs), causal at an offset, GQA, padding, global tokens, decode.
+    sparse_case("window+global mma", SlidingWindow(20, global_tokens=(0, 50)), 97, 97, torch.float16, padding=True)
+    sparse_case("bigbird16 causal mma", BigBird(16, random_blocks=1, causal=True), 40, 97, torch.bfloat16, D=80,
+                Hq=4, Hkv=2)
+    sparse_case("window simt", SlidingWindow(33, causal=True), 97, 97, torch.float32, D=128)
+    sparse_case("decode", SlidingWindow(64, causal=True), 1, 130, torch.float16, D=32, backward=False)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", choices=("all", "gemv"), default="all")
+    ap.add_argument("--only", choices=("all", "gemv", "sparse"), default="all")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no GPU: nothing to check")
@@ -101,6 +137,10 @@ def main() -> int:
     torch.manual_seed(0)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"device: {torch.cuda.get_device_name()} ({sms} SMs)")
+    if args.only == "sparse":  # gpu_check.sh's sparse_attention step (no sanitizer)
+        sparse_cases()
+        print("all paths ran")
+        return 0
     # K=64 at 4 bits leaves too few units per warp to split: one split, direct stores with bias.
     gemm_case("one-split", 64, 200, 4, 32, 1, bias=True)
     # Small N, larger K: split-K with the fp32 workspace; tail columns (N % 4 != 0).
@@ -111,6 +151,7 @@ def main() -> int:
     gemm_case("row tile 8", 512, 96, 4, -1, 8)
     gemm_case("two row tiles", 512, 97, 3, 32, 16, bias=True)
     binary_cases()
+    sparse_cases()
     if args.only == "gemv":
         return 0
     gemm_case("dequant+cublas", 576, 131, 4, 128, 33, perm=True, bias=True)
