@@ -373,3 +373,14 @@ def test_plan_cached_in_inference_mode_serves_autograd():
     assert not pattern.plan(80, causal=True).row_ptr.is_inference()
     (_out(model, inputs) * torch.randn(1, 80, VOCAB)).sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_torch_compile_fullgraph_patched_model():
+    """A patched model compiles without graph breaks (dynamo; padding included)."""
+    model = sparsify(_make("llama"), SlidingWindow(16, global_tokens=(0,)))
+    inputs = _inputs("llama", batch=2, seq=80, pad="left")
+    with torch.no_grad():
+        ref = _out(model, inputs)
+        out = _out(torch.compile(model, fullgraph=True, backend="eager"), inputs)
+    torch._dynamo.reset()
+    assert torch.equal(out, ref)

@@ -126,7 +126,7 @@ def sparse_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_o
         key_mask = attention_mask[:, kv_offset: kv_offset + kv_length].to(torch.bool)
         if key_mask.shape[0] != batch_size:
             key_mask = key_mask.expand(batch_size, -1)
-        if bool(key_mask.all()):
+        if not torch.compiler.is_compiling() and bool(key_mask.all()):  # (no data-dependent branch when compiled)
             key_mask = None
         else:
             key_mask = key_mask.contiguous()
