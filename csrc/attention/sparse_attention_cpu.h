@@ -36,6 +36,12 @@ struct SparseAttentionCpuData {
   // dK / dV pass (which visits each query tile once per key tile instead of repacking it).
   float* qt_cache = nullptr;
   float* dot_cache = nullptr;
+  // Fused backward (chosen by the adapter when B * Hkv items keep every thread busy): the dQ pass
+  // only fills the caches (dq_pack_only), and the dK / dV items, one per (b, kv head) covering all
+  // its key tiles, also add dS K into dq (zeroed by the adapter): those rows belong to the item's
+  // query heads alone, so there is still no atomic, and S / dP are computed once instead of twice.
+  bool dq_pack_only = false;
+  bool fuse_dq = false;
   // Backward outputs, float32 contiguous: dq [B, Hq, Sq, D], dk and dv [B, Hkv, Sk, D].
   float* dq = nullptr;
   float* dk = nullptr;
@@ -44,10 +50,12 @@ struct SparseAttentionCpuData {
 
 // Work items. Forward and dQ: B * Hkv * num_q_blocks * (Hq / Hkv), ordered (b, kv head, query
 // tile, head in group) so that the query heads sharing a kv head read the same key tiles back to
-// back. dK / dV: B * Hkv * num_k_blocks, ordered (b, kv head, key tile); each item owns its rows
-// of dk and dv (no atomics).
+// back. dK / dV: B * Hkv * num_k_blocks, ordered (b, kv head, key tile), or B * Hkv when fused
+// (see SparseAttentionCpuData::fuse_dq); each item owns its rows of dk and dv (no atomics).
 inline int64_t fwd_items(const SparseAttentionParams& p) { return p.batch * p.q_heads * p.num_q_blocks; }
-inline int64_t dkdv_items(const SparseAttentionParams& p) { return p.batch * p.kv_heads * p.num_k_blocks; }
+inline int64_t dkdv_items(const SparseAttentionParams& p, bool fused) {
+  return p.batch * p.kv_heads * (fused ? 1 : p.num_k_blocks);
+}
 
 void sparse_attention_fwd_scalar(const SparseAttentionParams& p, const SparseAttentionCpuData& d, int64_t i0, int64_t i1);
 void sparse_attention_dq_scalar(const SparseAttentionParams& p, const SparseAttentionCpuData& d, int64_t i0, int64_t i1);

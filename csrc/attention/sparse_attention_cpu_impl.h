@@ -421,6 +421,7 @@ void dq_range(const SparseAttentionParams& p, const SparseAttentionCpuData& io, 
     pack_rows<V>(io.dtype, io.dout, ((b * p.q_heads + h) * p.q_len + qt.i0) * D, D, qt.nq, D, Dp, 1.0f,
                  sc.rows.data());
     transpose_rows(sc.rows.data(), qt.nq, D, Dp, ld, Yt);
+    if (io.dq_pack_only) continue;
     query_cols(p, io, sc, b, h, qt);
     const float* gq = global_cols(p, qt, V::W, sc.gq.data());
     std::fill(dQ, dQ + qt.nq * Dp, 0.0f);
@@ -454,7 +455,8 @@ void dkdv_range(const SparseAttentionParams& p, const SparseAttentionCpuData& io
   const int64_t Dp = sc.Dp, ld = sc.bsp;
   std::vector<float> qrows(sc.bsp * Dp), orows(sc.bsp * Dp), dK(sc.bsp * Dp), dV(sc.bsp * Dp);
   float *S = sc.S.data(), *DP = sc.P2.data();
-  for (int64_t it = it0; it < it1; ++it) {
+  const int64_t tiles = io.fuse_dq ? p.num_k_blocks : 1;
+  for (int64_t it = it0 * tiles; it < it1 * tiles; ++it) {  // fused: all key tiles of (b, kv head)
     const int64_t c = it % p.num_k_blocks, hk = (it / p.num_k_blocks) % p.kv_heads;
     const int64_t b = it / p.num_k_blocks / p.kv_heads;
     const int64_t j0 = c * p.block_size, nk = std::min<int64_t>(p.block_size, p.kv_len - j0);
@@ -487,6 +489,13 @@ void dkdv_range(const SparseAttentionParams& p, const SparseAttentionCpuData& io
         kq<V>(nk, D, Vr, ldv, Yt, ld, qt.nv, DP, ld);
         dscores<V>(S, DP, ld, nk, qt.nv, sc.col_b.data());
         gemm<V>(nk, Dp, qt.nq, S, ld, 1, Qr, ldq, dK.data(), Dp, nullptr, true);
+        if (io.fuse_dq) {  // dq rows of (b, h, tile r) += scale * dS K
+          float* dQ = sc.acc.data();
+          gemm<V>(qt.nq, Dp, nk, S, 1, ld, K, ldk, dQ, Dp, nullptr, false);
+          float* dq = io.dq + ((b * p.q_heads + h) * p.q_len + qt.i0) * D;
+          for (int64_t i = 0; i < qt.nq; ++i)
+            for (int64_t d = 0; d < D; ++d) dq[i * D + d] += dQ[i * Dp + d] * p.scale;
+        }
       }
     }
     float* dk = io.dk + ((b * p.kv_heads + hk) * p.kv_len + j0) * D;

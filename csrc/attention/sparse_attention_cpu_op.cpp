@@ -248,8 +248,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
   d.qt_cache = qt_cache.data_ptr<float>(), d.dot_cache = dot_cache.data_ptr<float>();
   d.dq = dq.data_ptr<float>(), d.dk = dk.data_ptr<float>(), d.dv = dv.data_ptr<float>();
   const Kernels kn = pick_kernels();
-  run_items(kn.dq, pr.p, d, fwd_items(pr.p));  // also fills the Q^T / dO^T caches
-  run_items(kn.dkdv, pr.p, d, dkdv_items(pr.p));
+  // Fused (S, P, dP once per visited tile) when one item per (b, kv head) keeps every thread busy;
+  // otherwise the two passes, which expose B * Hq * query tiles and B * Hkv * key tiles items.
+  d.fuse_dq = d.dq_pack_only = pr.p.batch * pr.p.kv_heads >= 2 * at::get_num_threads();
+  if (d.fuse_dq) dq.zero_();
+  run_items(kn.dq, pr.p, d, fwd_items(pr.p));  // fills the Q^T / dO^T caches (and dq unless fused)
+  run_items(kn.dkdv, pr.p, d, dkdv_items(pr.p, d.fuse_dq));
   if (q.scalar_type() == at::kFloat) return {dq, dk, dv};
   return {dq.to(q.scalar_type()), dk.to(q.scalar_type()), dv.to(q.scalar_type())};
 }
