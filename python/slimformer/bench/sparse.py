@@ -13,7 +13,8 @@ Per sequence length n, window w and head dim d (batch, heads fixed) it times, in
 Each cell first checks ours against masked SDPA (or against flex where masked is skipped). Dense
 does not depend on w: it is timed in the first window's cell of each (n, d) and reused. Peak memory
 is the extra resident memory (CPU: VmHWM after a reset of the high-water mark) or
-``torch.cuda.max_memory_allocated`` growth of one call. ``--backward`` times forward + backward instead.
+``torch.cuda.max_memory_allocated`` growth of one call. ``--backward`` times forward + backward instead (flex
+has no CPU backward in torch 2.13, so it is left out there).
 
 Use ``slimformer bench sparse --help`` for the options.
 """
@@ -193,6 +194,8 @@ def _run_cell(a, n: int, w: int, d: int, dense_cache: dict, log) -> dict:
         variants.discard("dense")
     if n > a.masked_max_len:
         variants.discard("masked")
+    if a.backward and a.device == "cpu":
+        variants.discard("flex")  # torch 2.13: "FlexAttention does not support backward on CPU"
     shape = (a.batch, a.heads, n, d)
     q, k, v = (torch.randn(shape, device=dev, dtype=dtype).requires_grad_(a.backward) for _ in range(3))
     plan = SlidingWindow(w, causal=False).plan(n, device=dev)
