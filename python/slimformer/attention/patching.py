@@ -48,6 +48,14 @@ Semantics:
 Supported: Llama (SmolLM2), Mistral and Qwen2 (GQA, RoPE; without their own sliding window),
 GPT-2, BERT and RoBERTa (self-attention; not as decoders with cross-attention), ViT. Other models
 raise with this list.
+
+Longformer and BigBird (encoders) have attention modules of their own that do not call the
+``AttentionInterface``: for them :func:`sparsify` *replaces* each self-attention module with one
+from :mod:`.hf_modules` holding the same weights (``restore`` puts the original objects back), and
+``pattern`` may also be ``None`` / ``"model"``: the model's own sparsity (Longformer's
+``attention_window`` with its ``global_attention_mask``; BigBird's block layout with HF's
+training-time random blocks). See :mod:`.hf_modules` for their exact semantics (Longformer takes
+only ``SlidingWindow`` otherwise; ``filter_fn`` leaves the rejected modules as HF's own).
 """
 from __future__ import annotations
 
@@ -57,6 +65,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import hf_modules as _hf
 from .patterns import Pattern, SlidingWindow
 
 ATTN_IMPLEMENTATION = "slimformer_sparse"
@@ -65,7 +74,8 @@ PATTERN_ATTR = "slimformer_sparse_pattern"
 #: attribute of the patched model: the implementation to go back to, and options
 _STATE_ATTR = "_slimformer_sparse_state"
 
-#: model_type -> names of the self-attention classes that call the AttentionInterface (transformers 5.x)
+#: model_type -> names of the self-attention classes: those that call the AttentionInterface (transformers 5.x),
+#: and for longformer / big_bird those that .hf_modules replaces
 SUPPORTED_MODELS: dict[str, tuple[str, ...]] = {
     "llama": ("LlamaAttention",),
     "mistral": ("MistralAttention",),
@@ -74,6 +84,9 @@ SUPPORTED_MODELS: dict[str, tuple[str, ...]] = {
     "bert": ("BertSelfAttention",),
     "roberta": ("RobertaSelfAttention",),
     "vit": ("ViTAttention", "ViTSelfAttention"),
+    # attention modules of their own: replaced by .hf_modules (see there)
+    "longformer": _hf.REPLACED_CLASSES["longformer"],
+    "big_bird": _hf.REPLACED_CLASSES["big_bird"],
 }
 
 # every key allowed: the pattern of the attention modules that filter_fn leaves dense
@@ -203,9 +216,11 @@ def register() -> str:
 
 # -- patching ------------------------------------------------------------------------------------------
 def _unsupported(model: nn.Module, why: str) -> ValueError:
-    names = ", ".join(sorted(SUPPORTED_MODELS))
+    names = ", ".join(sorted(set(SUPPORTED_MODELS) - set(_hf.REPLACED_CLASSES)))
+    replaced = ", ".join(sorted(_hf.REPLACED_CLASSES))
     return ValueError(f"sparsify: {type(model).__name__} {why}. Supported model types: {names} (transformers 5 "
-                      "models whose attention goes through AttentionInterface)")
+                      f"models whose attention goes through AttentionInterface), and {replaced} (their attention "
+                      "modules replaced)")
 
 
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -215,12 +230,11 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     if config is None or not hasattr(model, "set_attn_implementation"):
         raise _unsupported(model, "is not a transformers PreTrainedModel")
     if model_type not in SUPPORTED_MODELS:
-        hint = ""
-        if model_type in ("longformer", "big_bird"):
-            hint = " (its attention modules do not use AttentionInterface)"
-        raise _unsupported(model, f"(model_type {model_type!r}) is not supported{hint}")
+        raise _unsupported(model, f"(model_type {model_type!r}) is not supported")
     if getattr(config, "add_cross_attention", False) or getattr(config, "is_encoder_decoder", False):
         raise _unsupported(model, "has cross-attention, which sparse patterns do not cover")
+    if model_type in _hf.REPLACED_CLASSES and getattr(config, "is_decoder", False):
+        raise _unsupported(model, f"is a {model_type} decoder; its sparse attention covers the encoder only")
     if getattr(config, "sliding_window", None) is not None and (
             model_type == "mistral" or "sliding_attention" in (getattr(config, "layer_types", None) or ())):
         raise ValueError(
@@ -228,21 +242,26 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
             f"{config.sliding_window}) and a cache that drops old keys; a sparse pattern replaces the model's "
             "pattern. Set model.config.sliding_window = None (Qwen2: build it with use_sliding_window=False) and "
             f"pass SlidingWindow({config.sliding_window}) to keep the same window")
-    names = SUPPORTED_MODELS[model_type]
+    names = SUPPORTED_MODELS[model_type] + _hf.REPLACEMENT_CLASSES.get(model_type, ())
     mods = [(fqn, m) for fqn, m in model.named_modules() if type(m).__name__ in names]
     if not mods:
         raise _unsupported(model, f"has no {'/'.join(names)} module (a transformers version this code does not know?)")
     return mods
 
 
-def sparsify(model: nn.Module, pattern: Pattern, *, filter_fn: Callable[[nn.Module, str], bool] | None = None,
+def sparsify(model: nn.Module, pattern: Pattern | str | None, *,
+             filter_fn: Callable[[nn.Module, str], bool] | None = None,
              ignore_attention_dropout: bool = False) -> nn.Module:
     """Run ``model``'s self-attention through the sparse kernel with ``pattern``, in place; returns it.
 
     ``filter_fn(module, fqn)`` chooses the attention modules that get ``pattern`` (default all); the
-    rest run full attention with the same kernel. Calling it again on a sparsified model changes
-    the pattern (the implementation to restore stays the original one). Raises ValueError for an
-    unsupported model and TypeError for a non-pattern."""
+    rest run full attention with the same kernel (Longformer / BigBird: the rest keep HF's own
+    modules). Calling it again on a sparsified model changes the pattern (the implementation to
+    restore stays the original one). Raises ValueError for an unsupported model and TypeError for a
+    non-pattern. Longformer / BigBird also take ``None`` / ``"model"`` (see :mod:`.hf_modules`)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in _hf.REPLACED_CLASSES and hasattr(model, "set_attn_implementation"):
+        return _sparsify_replacing(model, model_type, pattern, filter_fn, ignore_attention_dropout)
     if not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be a slimformer.attention Pattern (SlidingWindow, BigBird, BlockLayout), "
                         f"got {type(pattern).__name__}")
@@ -264,6 +283,22 @@ def sparsify(model: nn.Module, pattern: Pattern, *, filter_fn: Callable[[nn.Modu
     return model
 
 
+def _sparsify_replacing(model: nn.Module, model_type: str, pattern, filter_fn, ignore_attention_dropout: bool):
+    """Longformer / BigBird: swap their self-attention modules for those of :mod:`.hf_modules`."""
+    _hf.check_pattern(model_type, pattern, model.config)
+    mods = attention_modules(model)
+    state = getattr(model, _STATE_ATTR, None)
+    if state is not None:        # changing the pattern: back to HF's modules first
+        originals = _hf.originals(state["replaced"])
+        mods = [(fqn, originals.get(id(m), m)) for fqn, m in mods]
+        _hf.uninstall(state["replaced"])
+        delattr(model, _STATE_ATTR)
+    options = {"ignore_attention_dropout": bool(ignore_attention_dropout)}
+    records = _hf.install(model, model_type, mods, pattern, filter_fn, options)
+    setattr(model, _STATE_ATTR, {"previous": None, "replaced": records})
+    return model
+
+
 def is_sparsified(model: nn.Module) -> bool:
     """True between :func:`sparsify` and :func:`restore`."""
     return getattr(model, _STATE_ATTR, None) is not None
@@ -274,6 +309,10 @@ def restore(model: nn.Module) -> nn.Module:
     a model that is not sparsified is returned unchanged."""
     state = getattr(model, _STATE_ATTR, None)
     if state is None:
+        return model
+    if "replaced" in state:      # Longformer / BigBird: the original module objects go back
+        _hf.uninstall(state["replaced"])
+        delattr(model, _STATE_ATTR)
         return model
     for m in model.modules():
         for attr in (PATTERN_ATTR, "_slimformer_sparse_options"):
