@@ -268,6 +268,11 @@ def test_bigbird_short_input_mode_switch_and_restore():
     assert twin.attention_type == "original_full"
     query = model.encoder.layer[0].attention.self.query
     sparsify(model, "model")
+    clone = copy.deepcopy(model)                                     # a copy's mode switch stays in the copy
+    clone(**short)
+    assert model.encoder.layer[0].attention.self.hf_attention_type == "block_sparse"
+    assert clone.encoder.layer[0].attention.self.hf_attention_type == "original_full"
+    assert type(restore(clone).encoder.layer[0].attention.self).__name__ == "BigBirdSelfAttention"
     _close(model(**short).last_hidden_state, ref)                    # "model" is full attention at this length
     attn = model.encoder.layer[0].attention
     assert isinstance(attn.self, SparseBigBirdSelfAttention) and attn.self.hf_attention_type == "original_full"

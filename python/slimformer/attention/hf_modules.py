@@ -101,6 +101,9 @@ def _check_runtime(module: nn.Module, kwargs: dict, dropout: float, applies_drop
 
 
 # -- Longformer ------------------------------------------------------------------------------------------
+_WINDOW_PATTERNS: OrderedDict = OrderedDict()   # (window, global positions) -> SlidingWindow
+
+
 class SparseLongformerSelfAttention(nn.Module):
     """Drop-in for ``LongformerSelfAttention`` (same call, same 1-tuple return, same weights)."""
 
@@ -116,21 +119,23 @@ class SparseLongformerSelfAttention(nn.Module):
         self.options = options
         self.pattern = pattern
         self.window = pattern.window if pattern is not None else original.one_sided_attn_window_size + 1
-        self._patterns: OrderedDict = OrderedDict()         # global positions -> SlidingWindow
         self.train(original.training)
 
     def extra_repr(self) -> str:
         return f"window={self.window} (|i - j| < window), heads={self.num_heads}, head_dim={self.head_dim}"
 
     def _window_pattern(self, global_tokens: tuple[int, ...]) -> SlidingWindow:
-        pat = self._patterns.get(global_tokens)
+        """SlidingWindow for this window and these global positions, shared by all layers (LRU of
+        64 patterns, each caching its plans per length)."""
+        key = (self.window, global_tokens)
+        pat = _WINDOW_PATTERNS.get(key)
         if pat is None:
             pat = SlidingWindow(self.window, causal=False, global_tokens=global_tokens)
-            self._patterns[global_tokens] = pat
-            if len(self._patterns) > 64:
-                self._patterns.popitem(last=False)
+            _WINDOW_PATTERNS[key] = pat
+            if len(_WINDOW_PATTERNS) > 64:
+                _WINDOW_PATTERNS.popitem(last=False)
         else:
-            self._patterns.move_to_end(global_tokens)
+            _WINDOW_PATTERNS.move_to_end(key)
         return pat
 
     def forward(self, hidden_states, attention_mask=None, is_index_masked=None, is_index_global_attn=None,
@@ -390,22 +395,23 @@ def check_pattern(model_type: str, pattern, config) -> None:
         _bigbird_pattern(pattern, config, 0)
 
 
-def _bigbird_set_attention_type(parent: nn.Module, entry: dict):
-    """Instance override of ``BigBirdAttention.set_attention_type`` while sparsified: HF's own logic
-    runs on the original module (so ``restore`` gets back what HF would have now); the sparse
-    module stays in place and learns the new mode."""
+_ENTRY_ATTR = "_slimformer_sparse_entry"
 
-    def set_attention_type(value: str, layer_idx=None):
-        ours = parent.self
-        parent.self = entry["original"]
-        try:
-            type(parent).set_attention_type(parent, value, layer_idx=layer_idx)
-            entry["original"] = parent.self
-        finally:
-            parent.self = ours
-        ours.hf_attention_type = parent.attention_type
 
-    return set_attention_type
+def _bigbird_set_attention_type(self: nn.Module, value: str, layer_idx=None):
+    """Bound to a ``BigBirdAttention`` instance while sparsified (a bound method, so that
+    ``copy.deepcopy`` of the model rebinds it): HF's own ``set_attention_type`` runs on the original
+    module (so ``restore`` gets back what HF would have now); the sparse module stays in place and
+    learns the new mode."""
+    entry = self.__dict__[_ENTRY_ATTR]
+    ours = self.self
+    self.self = entry["original"]
+    try:
+        type(self).set_attention_type(self, value, layer_idx=layer_idx)
+        entry["original"] = self.self
+    finally:
+        self.self = ours
+    ours.hf_attention_type = self.attention_type
 
 
 def install(model: nn.Module, model_type: str, modules: list[tuple[str, nn.Module]], pattern, filter_fn,
@@ -428,7 +434,8 @@ def install(model: nn.Module, model_type: str, modules: list[tuple[str, nn.Modul
         entry = {"parent": parent, "name": name, "original": original, "module": new}
         setattr(parent, name, new)
         if model_type == "big_bird" and hasattr(parent, "set_attention_type"):
-            parent.__dict__["set_attention_type"] = _bigbird_set_attention_type(parent, entry)
+            parent.__dict__[_ENTRY_ATTR] = entry
+            parent.__dict__["set_attention_type"] = types.MethodType(_bigbird_set_attention_type, parent)
         records.append(entry)
     return records
 
@@ -438,6 +445,7 @@ def uninstall(records: list[dict]) -> None:
     for entry in reversed(records):
         parent, name, original, ours = entry["parent"], entry["name"], entry["original"], entry["module"]
         parent.__dict__.pop("set_attention_type", None)
+        parent.__dict__.pop(_ENTRY_ATTR, None)
         original.train(ours.training)
         if getattr(parent, name) is ours:
             setattr(parent, name, original)
