@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check (GUIDE.md section 6), one call on the GPU machine, about 8 minutes at most:
 #   build for the local arch only -> build info -> CUDA tests -> sparse attention kernels -> compute-sanitizer memcheck ->
-#   GPU benchmarks (GPTQ, binary) -> CPU tests -> racecheck / initcheck of the shared-memory kernel (if time is left)
+#   GPU benchmarks (GPTQ, binary, sparse attention) -> CPU tests -> racecheck / initcheck of the shared-memory kernel (if time is left)
 # and a report (report.md, report.json, logs/) under $OUT (default ./gpu_report). Every step has a
 # time limit within a total budget; a failing step is recorded, never fatal. Without a GPU the GPU
 # steps are recorded as skipped ("no GPU"), so the script can be dry-run anywhere.
@@ -140,9 +140,14 @@ else
   run_step bench_binary 90 "$PY" -m slimformer.bench binary --device cuda --budget 1.5 --out "$OUT/bench_binary"
 fi
 
-# -- GPU benchmark of the sparse attention kernels: reserved for whoever writes it, e.g.
-#   run_step bench_sparse 90 "$PY" -m slimformer.bench sparse --device cuda --out "$OUT/bench_sparse"
-# (add "bench_sparse" to the bench_md directory list of the report below).
+# Sparse attention vs dense SDPA / masked SDPA / FlexAttention (fp16): the n = 16k, w = 512 cell and
+# n = 4k, d 64 and 128. Kept small: every FlexAttention shape is a fresh Triton compile.
+if [[ -z "$CC" ]]; then
+  skip_step bench_sparse "no GPU"
+else
+  run_step bench_sparse 120 "$PY" -m slimformer.bench sparse --device cuda --lengths 4096,16384 --windows 512 \
+    --head-dims 64,128 --budget 2 --out "$OUT/bench_sparse"
+fi
 
 run_step cpu_tests 120 "$PY" -m pytest -m "not cuda" -q -p no:cacheprovider "${XDIST[@]}" tests
 
@@ -191,7 +196,7 @@ for line in (logs / "info.log").read_text().splitlines() if (logs / "info.log").
     if value.strip():
         facts[key.strip()] = value.strip()
 
-bench_md = [p for d in ("bench", "bench_binary") if (out / d).exists()
+bench_md = [p for d in ("bench", "bench_binary", "bench_sparse") if (out / d).exists()
             for p in sorted((out / d).glob("*_latest.md"))]
 report = {
     "date": subprocess.run(["date", "-u", "+%FT%TZ"], capture_output=True, text=True).stdout.strip(),
