@@ -392,3 +392,15 @@ def test_backward_fused_and_two_pass_agree():
             assert rel_err(a, r.grad) < 1e-5
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_plan_must_fit_the_call():
+    """Checks only Python can make: a plan for other lengths with the same tile count, and a per-head
+    plan made for another head count (its layout_heads would pass the kernels' checks)."""
+    q = torch.randn(1, 4, 100, 32)
+    with pytest.raises(ValueError, match="the plan is for 97 queries"):
+        sparse_attention(q, q, q, SlidingWindow(8).plan(97, 100))
+    bigbird = BigBird(block_size=16, random_blocks=2)
+    with pytest.raises(ValueError, match="made for 1 query heads"):
+        sparse_attention(q, q, q, bigbird.plan(100))
+    assert sparse_attention(q, q, q, bigbird.plan(100, num_heads=4)).shape == q.shape

@@ -211,6 +211,21 @@ def test_kv_cache_decode_equals_recompute(arch, pattern):
         _assert_close(a, b, tol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_static_cache_generate_equals_dynamic(arch):
+    """generate(cache_implementation="static") precomputes masks for a fixed-size cache; the sparse
+    route must get the padding mask and the cache offsets from it, and decode the same tokens."""
+    model = sparsify(_make(arch), SlidingWindow(16))
+    inputs = _inputs(arch, batch=2, seq=40, pad="left")
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        dynamic = model.generate(**inputs, **kw)
+        static = model.generate(**inputs, cache_implementation="static", **kw)
+    assert torch.equal(dynamic, static)
+    restore(model)
+    assert "create_masks_for_generate" not in model.__dict__
+
+
 def test_step_by_step_decode_offsets():
     """One token at a time through the cache: each step's logits equal the full forward's last row."""
     pattern = SlidingWindow(10, global_tokens=(2,))

@@ -118,6 +118,27 @@ def test_bad_patterns_raise(make, match):
         make()
 
 
+def test_patterns_are_immutable_and_own_their_layout():
+    """Plans are cached per pattern: changing a pattern after use would silently keep old plans."""
+    window = SlidingWindow(8)
+    window.plan(64)
+    with pytest.raises(AttributeError, match="immutable"):
+        window.window = 100
+    lay = torch.ones(1, 4, 4, dtype=torch.bool)
+    pattern = BlockLayout(16, lay)
+    before = pattern.plan(64).nnz
+    lay[0, :, 1:] = False                      # the caller's tensor, not the pattern's copy
+    assert pattern.plan(64).nnz == before == 16
+    assert pattern.dense_mask(64).all()
+
+
+def test_plans_record_head_dependence():
+    assert BigBird(block_size=16, random_blocks=2).plan(160, num_heads=4).head_dependent
+    assert not BigBird(block_size=16, random_blocks=0).plan(160, num_heads=4).head_dependent
+    assert not SlidingWindow(8).plan(64).head_dependent
+    assert BlockLayout(16, torch.ones(3, 4, 4, dtype=torch.bool)).plan(64, num_heads=3).num_heads == 3
+
+
 def test_bad_problems_raise():
     with pytest.raises(ValueError, match="covers"):
         BlockLayout(16, torch.ones(2, 2, dtype=torch.bool)).plan(33)

@@ -53,7 +53,8 @@ Problem check_problem_cpu(const char* op, const at::Tensor& q, const at::Tensor&
                     block_size, q_offset, first_q_block, window_left, window_right, causal, scale);
   // Per-thread scratch is sized by these (sparse_attention_cpu.h).
   TORCH_CHECK_VALUE(q.size(3) <= 256, op, ": head_dim must be in 1..256 on the CPU, got ", q.size(3));
-  TORCH_CHECK_VALUE(block_size <= 4096, op, ": block_size must be at most 4096 on the CPU, got ", block_size);
+  // S and P scratch are block_size^2 floats per thread: 4 MiB each at 1024.
+  TORCH_CHECK_VALUE(block_size <= 1024, op, ": block_size must be at most 1024 on the CPU, got ", block_size);
   const SparseAttentionParams& p = pr.p;
   check_csr_contents(op, "row_ptr", pr.row_ptr, "col_idx", pr.col_idx, p.num_k_blocks);
   if (check_col_csr) check_csr_contents(op, "col_ptr", pr.col_ptr, "row_idx", pr.row_idx, p.num_q_blocks);

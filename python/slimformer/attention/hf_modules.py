@@ -71,7 +71,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .patterns import BigBird, BlockLayout, BlockPlan, Pattern, SlidingWindow, _from_tile_grid
+from .patterns import LayoutPattern, Pattern, SlidingWindow
 
 #: model_type -> class names of the self-attention modules that get replaced
 REPLACED_CLASSES: dict[str, tuple[str, ...]] = {
@@ -235,7 +235,7 @@ def _longformer_pattern(pattern) -> SlidingWindow | None:
 
 
 # -- BigBird -----------------------------------------------------------------------------------------------
-class HFBigBirdLayout(Pattern):
+class HFBigBirdLayout(LayoutPattern):
     """HF BigBird's block-sparse layout for one layer, as HF draws it in training mode: blocks of
     ``block_size``; a query block attends the 3 blocks around it, the first and the last block
     (which attend everything), and ``num_random_blocks`` random blocks per head drawn by HF's own
@@ -250,6 +250,7 @@ class HFBigBirdLayout(Pattern):
             raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
         self.block_size, self.num_random_blocks = block_size, int(num_random_blocks)
         self.seed, self.max_seqlen = int(seed), int(max_seqlen)
+        self._freeze()
 
     def __repr__(self) -> str:
         return (f"HFBigBirdLayout(block_size={self.block_size}, num_random_blocks={self.num_random_blocks}, "
@@ -298,18 +299,16 @@ class HFBigBirdLayout(Pattern):
         lay[heads, rows, rand] = True
         return lay
 
-    def _dense_rule(self, p, j, kv_len, num_heads, causal):
-        lay = self.layout(kv_len, num_heads)
-        return lay[:, p // self.block_size, j // self.block_size]
+    def head_dependent(self) -> bool:
+        return self.num_random_blocks > 0
 
-    def _make_plan(self, q_len, kv_len, q_offset, causal, num_heads) -> BlockPlan:
-        bs = self.block_size
-        if bs % 16:
-            raise ValueError(f"HFBigBirdLayout needs block_size a multiple of 16 for the kernels, got {bs}")
-        lay = self.layout(kv_len, num_heads)
-        first_q, last_q = q_offset // bs, (q_offset + q_len - 1) // bs
-        grid = lay[:, first_q:last_q + 1]
-        return _from_tile_grid(grid, grid.clone(), bs, q_len, kv_len, q_offset, causal, first_q, (-1, -1), None)
+    def _layout(self, q_len_abs, kv_len, num_heads, causal):
+        return self.layout(kv_len, num_heads)
+
+    def _make_plan(self, q_len, kv_len, q_offset, causal, num_heads):
+        if self.block_size % 16:
+            raise ValueError(f"HFBigBirdLayout needs block_size a multiple of 16 for the kernels, got {self.block_size}")
+        return super()._make_plan(q_len, kv_len, q_offset, causal, num_heads)
 
 
 class SparseBigBirdSelfAttention(nn.Module):

@@ -204,6 +204,11 @@ def sparse_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     return out.transpose(1, 2).contiguous(), None
 
 
+def _keep_padding_mask(*, attention_mask=None, **kwargs):
+    """Stands in for ``model.create_masks_for_generate`` while sparsified (see :func:`sparsify`)."""
+    return attention_mask
+
+
 def register() -> str:
     """Register the attention and mask functions with transformers (idempotent); returns the name."""
     from transformers import AttentionInterface
@@ -275,6 +280,10 @@ def sparsify(model: nn.Module, pattern: Pattern | str | None, *,
         chosen = filter_fn is None or bool(filter_fn(m, fqn))
         setattr(m, PATTERN_ATTR, pattern if chosen else None)
         m._slimformer_sparse_options = options
+    # generate() with a compileable (static) cache precomputes each step's mask and passes the result
+    # back in as attention_mask, where transformers accepts only tensors: keep the 2D padding mask
+    # instead, so the model's own mask call reaches sparse_mask with the cache's offsets.
+    model.__dict__["create_masks_for_generate"] = _keep_padding_mask
     if model.config._attn_implementation != ATTN_IMPLEMENTATION:
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
         if model.config._attn_implementation != ATTN_IMPLEMENTATION:
@@ -314,6 +323,7 @@ def restore(model: nn.Module) -> nn.Module:
         _hf.uninstall(state["replaced"])
         delattr(model, _STATE_ATTR)
         return model
+    model.__dict__.pop("create_masks_for_generate", None)
     for m in model.modules():
         for attr in (PATTERN_ATTR, "_slimformer_sparse_options"):
             if attr in m.__dict__:

@@ -11,7 +11,8 @@ by :meth:`Pattern.dense_mask`::
                              or layout[h, p // bs, j // bs] )   (block layout, if any)
 
 Padding (a key mask per batch row) is applied on top by the attention call. A query with no
-allowed key outputs zeros.
+allowed key outputs zeros. Positions are key slots: in a left-padded batch, position 0 of a row may
+be padding, so ``global_tokens=(0,)`` names the first slot, not the first real token.
 
 Kernels do not evaluate this rule on all n x n pairs: :meth:`Pattern.plan` turns it into a
 :class:`BlockPlan`, a block-CSR list of the key tiles each query tile must visit, each flagged
@@ -20,6 +21,7 @@ or *partial* (evaluate the window / global rule per element). Layout blocks are 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -72,6 +74,10 @@ class BlockPlan:
     window_left: int = -1
     window_right: int = -1
     global_mask: torch.Tensor | None = None
+    #: query heads the plan was made for, and whether the pattern differs per head (then the plan
+    #: only fits attention with exactly ``num_heads`` query heads)
+    num_heads: int = 1
+    head_dependent: bool = False
     _moved: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -97,7 +103,8 @@ class BlockPlan:
             self._moved[key] = BlockPlan(
                 self.block_size, self.q_len, self.kv_len, self.q_offset, self.causal, self.layout_heads,
                 self.first_q_block, self.num_q_blocks, self.num_k_blocks, window_left=self.window_left,
-                window_right=self.window_right, **moved)
+                window_right=self.window_right, num_heads=self.num_heads, head_dependent=self.head_dependent,
+                **moved)
         return self._moved[key]
 
 
@@ -141,10 +148,25 @@ def _from_tile_grid(grid: torch.Tensor, full: torch.Tensor, bs: int, q_len: int,
 
 
 class Pattern:
-    """Base of the sparse attention patterns. Subclasses define :meth:`_tile_grid`."""
+    """Base of the sparse attention patterns. Subclasses define :meth:`_dense_rule` and
+    :meth:`_make_plan` and call :meth:`_freeze` at the end of ``__init__``: a pattern is immutable
+    once made, because its block plans are cached (make a new one and call ``sparsify`` again)."""
 
     #: causal flag fixed by the pattern, or None to follow the model (the ``causal`` argument).
     causal: bool | None = None
+
+    def _freeze(self) -> None:
+        object.__setattr__(self, "_frozen", True)
+
+    def __setattr__(self, name, value):
+        if self.__dict__.get("_frozen"):
+            raise AttributeError(f"{type(self).__name__} is immutable (its block plans are cached): make a new "
+                                 f"pattern instead of setting {name!r}, and pass it to sparsify again")
+        object.__setattr__(self, name, value)
+
+    def head_dependent(self) -> bool:
+        """Whether heads get different layouts (a plan then fits only its ``num_heads``)."""
+        return False
 
     def _resolve_causal(self, causal: bool) -> bool:
         return bool(causal) if self.causal is None else bool(self.causal)
@@ -163,7 +185,8 @@ class Pattern:
             if key not in cache:
                 if len(cache) > 64:
                     cache.clear()
-                cache[key] = self._make_plan(*key)
+                cache[key] = dataclasses.replace(self._make_plan(*key), num_heads=int(num_heads),
+                                                 head_dependent=self.head_dependent())
             return cache[key].to(device)
 
     def dense_mask(self, q_len: int, kv_len: int | None = None, *, causal: bool = False,
@@ -202,14 +225,16 @@ class SlidingWindow(Pattern):
     force it. Cost per query: O(window + number of global tokens)."""
 
     def __init__(self, window: int, causal: bool | None = None, global_tokens=()):
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be an int >= 1 (keys on each side, the query included), got {window!r}")
+        if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window < 2**31:
+            raise ValueError(f"window must be an int >= 1 (keys on each side, the query included) and below 2^31, "
+                             f"got {window!r}")
         if causal not in (None, True, False):
             raise ValueError(f"causal must be None, True or False, got {causal!r}")
         tokens = tuple(int(t) for t in global_tokens)
         if any(t < 0 for t in tokens):
             raise ValueError(f"global_tokens must be non-negative positions, got {tokens}")
         self.window, self.causal, self.global_tokens = window, causal, tuple(sorted(set(tokens)))
+        self._freeze()
 
     def __repr__(self) -> str:
         return f"SlidingWindow(window={self.window}, causal={self.causal}, global_tokens={self.global_tokens})"
@@ -233,7 +258,7 @@ class SlidingWindow(Pattern):
         bs, w = WINDOW_TILE, self.window
         first_q = q_offset // bs
         last_q = (q_offset + q_len - 1) // bs
-        qb, kb = last_q - first_q + 1, math.ceil(kv_len / bs)
+        kb = math.ceil(kv_len / bs)
         t = torch.arange(first_q, last_q + 1)
         p_lo = torch.clamp(t * bs, min=q_offset)                      # first / last query of each tile
         p_hi = torch.clamp((t + 1) * bs - 1, max=q_offset + q_len - 1)
@@ -255,10 +280,34 @@ class SlidingWindow(Pattern):
                                (w - 1, w - 1), g)
 
 
-class BlockLayout(Pattern):
+class LayoutPattern(Pattern):
+    """A pattern given by a block layout: query block ``a`` attends key block ``b`` in head ``h``
+    when ``layout[h, a, b]`` (every pair in it: layout tiles are full). Subclasses define
+    :meth:`_layout`; block boundaries are absolute positions (multiples of ``block_size``)."""
+
+    block_size: int
+
+    def _layout(self, q_len_abs: int, kv_len: int, num_heads: int, causal: bool) -> torch.Tensor:
+        """bool [1 or num_heads, >= ceil(q_len_abs / bs), ceil(kv_len / bs)]."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def _dense_rule(self, p, j, kv_len, num_heads, causal):
+        lay = self._layout(int(p.max()) + 1, kv_len, num_heads, causal)
+        return lay[:, p // self.block_size, j // self.block_size]
+
+    def _make_plan(self, q_len, kv_len, q_offset, causal, num_heads) -> BlockPlan:
+        bs = self.block_size
+        lay = self._layout(q_offset + q_len, kv_len, num_heads, causal)
+        first_q, last_q = q_offset // bs, (q_offset + q_len - 1) // bs
+        grid = lay[:, first_q:last_q + 1]
+        return _from_tile_grid(grid, grid.clone(), bs, q_len, kv_len, q_offset, causal, first_q, (-1, -1), None)
+
+
+class BlockLayout(LayoutPattern):
     """A user's block layout: ``layout`` bool [heads or 1, q_blocks, k_blocks]; query block ``a``
     attends key block ``b`` when ``layout[h, a, b]``. Sequences must fit the layout
-    (``ceil(len / block_size) <= blocks``). ``causal`` as for :class:`SlidingWindow`."""
+    (``ceil(len / block_size) <= blocks``); per-head layouts need as many heads as the model has
+    *query* heads. ``causal`` as for :class:`SlidingWindow`. The layout is copied."""
 
     def __init__(self, block_size: int, layout: torch.Tensor, causal: bool | None = None):
         self.block_size = _check_block_size(block_size)
@@ -267,13 +316,17 @@ class BlockLayout(Pattern):
         layout = layout if layout.dim() == 3 else layout[None]
         if layout.dtype != torch.bool:
             raise ValueError(f"layout must be a bool tensor, got {layout.dtype}")
-        self.layout = layout.detach().to("cpu").contiguous()
+        self.layout = layout.detach().to("cpu", copy=True).contiguous()
         self.causal = causal
+        self._freeze()
 
     def __repr__(self) -> str:
         return f"BlockLayout(block_size={self.block_size}, layout={tuple(self.layout.shape)}, causal={self.causal})"
 
-    def _layout_for(self, q_len_abs: int, kv_len: int, num_heads: int) -> torch.Tensor:
+    def head_dependent(self) -> bool:
+        return self.layout.shape[0] > 1
+
+    def _layout(self, q_len_abs: int, kv_len: int, num_heads: int, causal: bool) -> torch.Tensor:
         bs, lay = self.block_size, self.layout
         need_q, need_k = math.ceil(q_len_abs / bs), math.ceil(kv_len / bs)
         if lay.shape[1] < need_q or lay.shape[2] < need_k:
@@ -284,19 +337,8 @@ class BlockLayout(Pattern):
                              f"{num_heads})")
         return lay[:, :need_q, :need_k]
 
-    def _dense_rule(self, p, j, kv_len, num_heads, causal):
-        lay = self._layout_for(int(p.max()) + 1, kv_len, num_heads)
-        return lay[:, p // self.block_size, j // self.block_size]
 
-    def _make_plan(self, q_len, kv_len, q_offset, causal, num_heads) -> BlockPlan:
-        bs = self.block_size
-        lay = self._layout_for(q_offset + q_len, kv_len, num_heads)
-        first_q = q_offset // bs
-        grid = lay[:, first_q:]
-        return _from_tile_grid(grid, grid.clone(), bs, q_len, kv_len, q_offset, causal, first_q, (-1, -1), None)
-
-
-class BigBird(Pattern):
+class BigBird(LayoutPattern):
     """BigBird block-sparse attention (ITC): blocks of ``block_size``; each query block attends
     ``window_blocks`` blocks centred on itself (odd), the first and the last ``global_blocks`` blocks
     (which also attend everything), and ``random_blocks`` other blocks drawn per head from
@@ -314,6 +356,7 @@ class BigBird(Pattern):
             raise ValueError(f"window_blocks must be odd (centred on the query block), got {window_blocks}")
         self.window_blocks, self.global_blocks, self.random_blocks = window_blocks, global_blocks, random_blocks
         self.seed, self.causal = int(seed), causal
+        self._freeze()
 
     def __repr__(self) -> str:
         return (f"BigBird(block_size={self.block_size}, window_blocks={self.window_blocks}, "
@@ -342,17 +385,9 @@ class BigBird(Pattern):
                         lay[h, r, pick] = True
         return lay
 
-    def _blocks(self, kv_len, num_heads, causal):
+    def head_dependent(self) -> bool:
+        return self.random_blocks > 0
+
+    def _layout(self, q_len_abs, kv_len, num_heads, causal):
         heads = num_heads if self.random_blocks else 1
         return self.layout(math.ceil(kv_len / self.block_size), heads, causal)
-
-    def _dense_rule(self, p, j, kv_len, num_heads, causal):
-        lay = self._blocks(kv_len, num_heads, causal)
-        return lay[:, p // self.block_size, j // self.block_size]
-
-    def _make_plan(self, q_len, kv_len, q_offset, causal, num_heads) -> BlockPlan:
-        bs = self.block_size
-        lay = self._blocks(kv_len, num_heads, causal)
-        first_q, last_q = q_offset // bs, (q_offset + q_len - 1) // bs
-        grid = lay[:, first_q:last_q + 1]
-        return _from_tile_grid(grid, grid.clone(), bs, q_len, kv_len, q_offset, causal, first_q, (-1, -1), None)

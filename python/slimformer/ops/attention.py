@@ -30,42 +30,30 @@ def _scalars(plan, scale):
             plan.causal, float(scale))
 
 
-def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, key_mask: torch.Tensor | None) -> None:
-    """ValueError naming the problem when q, k, v, key_mask and the plan do not fit together."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be [B, H, S, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch or head_dim")
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> None:
+    """ValueError when the plan does not fit q and k (shapes, dtypes and devices are checked by the
+    kernels' adapters)."""
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q, k, v must be [B, H, S, D]; got {tuple(q.shape)} and {tuple(k.shape)}")
     if q.shape[2] != plan.q_len or k.shape[2] != plan.kv_len:
         raise ValueError(f"the plan is for {plan.q_len} queries over {plan.kv_len} keys; got {q.shape[2]} "
                          f"queries and {k.shape[2]} keys")
-    if plan.layout_heads not in (1, q.shape[1]):
-        raise ValueError(f"the plan has {plan.layout_heads} layout heads; q has {q.shape[1]} heads")
-    if key_mask is not None and (key_mask.dtype != torch.bool or tuple(key_mask.shape) != (q.shape[0], k.shape[2])):
-        raise ValueError(f"key_mask must be bool [B, Sk] = [{q.shape[0]}, {k.shape[2]}], got "
-                         f"{key_mask.dtype} {tuple(key_mask.shape)}")
+    if plan.layout_heads not in (1, q.shape[1]) or (plan.head_dependent and plan.num_heads != q.shape[1]):
+        raise ValueError(f"the plan was made for {plan.num_heads} query heads ({plan.layout_heads} layouts); q has "
+                         f"{q.shape[1]} heads: make it with pattern.plan(..., num_heads={q.shape[1]})")
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, *,
                      key_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v over the pairs ``plan`` allows (and ``key_mask`` keeps); a query
     with no allowed key gives zeros. ``scale`` defaults to D**-0.5."""
-    check_inputs(q, k, v, plan, key_mask)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    plan = plan.to(q.device)
-    out, _ = _ops.sparse_attention_fwd(q, k, v, *_plan_args(plan), plan.global_mask, key_mask,
-                                       *_scalars(plan, scale))
-    return out
+    return sparse_attention_with_lse(q, k, v, plan, key_mask=key_mask, scale=scale)[0]
 
 
 def sparse_attention_with_lse(q, k, v, plan, *, key_mask=None, scale=None):
     """:func:`sparse_attention` that also returns lse float32 [B, Hq, Sq] (natural log; -inf for
     a query with no allowed key). lse carries no gradient."""
-    check_inputs(q, k, v, plan, key_mask)
+    check_inputs(q, k, v, plan)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     plan = plan.to(q.device)
     return _ops.sparse_attention_fwd(q, k, v, *_plan_args(plan), plan.global_mask, key_mask, *_scalars(plan, scale))
