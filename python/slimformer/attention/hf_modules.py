@@ -86,18 +86,10 @@ REPLACEMENT_CLASSES: dict[str, tuple[str, ...]] = {
 
 
 def _check_runtime(module: nn.Module, kwargs: dict, dropout: float, applies_dropout: bool = True) -> None:
-    from .patching import _attentions_requested
+    from .patching import check_runtime
 
-    if kwargs.get("output_attentions") or _attentions_requested(kwargs):
-        raise NotImplementedError(
-            "output_attentions=True is not available with slimformer sparse attention: the kernel never forms "
-            "the attention matrix. restore(model) (or use a dense copy) to inspect attention weights")
-    if (module.training and applies_dropout and dropout and dropout > 0
-            and not module.options.get("ignore_attention_dropout", False)):
-        raise NotImplementedError(
-            f"attention dropout {dropout} in training mode: slimformer sparse attention has no attention dropout. "
-            "Set config.attention_probs_dropout_prob = 0 (and the modules' dropout), call model.eval(), or "
-            "sparsify(..., ignore_attention_dropout=True) to train without it")
+    check_runtime(module, kwargs, dropout if applies_dropout else 0.0,
+                  module.options.get("ignore_attention_dropout", False))
 
 
 # -- Longformer ------------------------------------------------------------------------------------------

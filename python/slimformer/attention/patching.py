@@ -157,27 +157,33 @@ def _attentions_requested(kwargs: dict) -> bool:
         return False
 
 
+def check_runtime(module: nn.Module, kwargs: dict, dropout: float, ignore_dropout: bool) -> None:
+    """What the sparse kernels cannot do raises instead of being skipped silently: attention
+    weights (``output_attentions``) and attention dropout in training."""
+    if _attentions_requested(kwargs):
+        raise NotImplementedError(
+            "output_attentions=True is not available with slimformer sparse attention: the kernel never forms "
+            "the attention matrix. restore(model) (or use a dense copy) to inspect attention weights")
+    if module.training and dropout and dropout > 0 and not ignore_dropout:
+        raise NotImplementedError(
+            f"attention dropout {dropout} in training mode: slimformer sparse attention has no attention dropout. "
+            "Set the model's attention dropout to 0 (config.attention_dropout / attention_probs_dropout_prob / "
+            "attn_pdrop and the attention modules' dropout), call model.eval(), or sparsify(..., "
+            "ignore_attention_dropout=True) to train without it")
+
+
 def sparse_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask, scaling: float | None = None, dropout: float = 0.0, **kwargs):
     """transformers attention function: query [B, Hq, Sq, D], key/value [B, Hkv, Sk, D] (GQA: Hq a
     multiple of Hkv), ``attention_mask`` a :class:`SparseMaskInfo` -> (out [B, Sq, Hq, D], None)."""
     from ..ops import attention as _ops
 
-    if _attentions_requested(kwargs):
-        raise NotImplementedError(
-            "output_attentions=True is not available with slimformer sparse attention: the kernel never forms "
-            "the attention matrix. restore(model) (or use a dense copy) to inspect attention weights")
     if kwargs.get("sliding_window") is not None:
         raise NotImplementedError(
             f"{type(module).__name__} has a sliding window of its own ({kwargs['sliding_window']}); a sparse pattern "
             "replaces the model's pattern: set config.sliding_window = None and use SlidingWindow(w) instead")
     state = getattr(module, "_slimformer_sparse_options", None) or {}
-    if module.training and dropout and dropout > 0 and not state.get("ignore_attention_dropout", False):
-        raise NotImplementedError(
-            f"attention dropout {dropout} in training mode: slimformer sparse attention has no attention dropout. "
-            "Set the model's attention dropout to 0 (config.attention_dropout / attention_probs_dropout_prob / "
-            "attn_pdrop and the attention modules' dropout), call model.eval(), or sparsify(..., "
-            "ignore_attention_dropout=True) to train without it")
+    check_runtime(module, kwargs, dropout, state.get("ignore_attention_dropout", False))
     q_len, kv_len = query.shape[2], key.shape[2]
     if isinstance(attention_mask, SparseMaskInfo):
         info = attention_mask

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attention.reference import repeat_kv
 from .quantizers import ElasticBinarizer
 
 ATTN_IMPLEMENTATION = "slimformer_binary"
@@ -101,14 +102,6 @@ def capture_hidden_pre_hook(module: nn.Module, args, kwargs):
     return None
 
 
-def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """[B, Hkv, S, D] -> [B, Hkv * groups, S, D] (each kv head repeated for its query heads)."""
-    if groups == 1:
-        return x
-    b, h, s, d = x.shape
-    return x[:, :, None].expand(b, h, groups, s, d).reshape(b, h * groups, s, d)
-
-
 def binary_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask: torch.Tensor | None, scaling: float | None = None,
                              dropout: float = 0.0, **kwargs):
@@ -128,7 +121,7 @@ def binary_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     if quant is not None:
         hidden, quant._hidden = quant._hidden, None
         query, key, value = quant.query(query), quant.key(key), quant.value(value)
-    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     v_p = None
     if quant is not None and quant.bipft:
@@ -137,7 +130,7 @@ def binary_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
                 "BiPFT needs the hidden states of all keys: it supports self-attention without a KV cache only "
                 "(pass use_cache=False)")
         q_p, q_m, k_p, k_m, v_p = quant.low_rank(hidden.to(quant.v_w.dtype))
-        k_p, k_m, v_p = _repeat_kv(k_p, groups), _repeat_kv(k_m, groups), _repeat_kv(v_p, groups)
+        k_p, k_m, v_p = repeat_kv(k_p, groups), repeat_kv(k_m, groups), repeat_kv(v_p, groups)
         extra = q_m @ k_p.transpose(2, 3) + q_p @ k_m.transpose(2, 3) + q_p @ k_p.transpose(2, 3)
         scores = scores + (extra * scaling).to(scores.dtype)
     if attention_mask is not None:
