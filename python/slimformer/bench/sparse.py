@@ -10,6 +10,9 @@ Per sequence length n, window w and head dim d (batch, heads fixed) it times, in
 - flex: ``torch.compile(flex_attention)`` with ``create_block_mask(|q - kv| < w)`` (blocks of 128, its default);
 - ours: ``slimformer.ops.sparse_attention`` with ``SlidingWindow(w, causal=False)`` (|i - j| < w).
 
+``--decode`` times one new query over n cached keys instead (causal window; flex left out), the
+per-token cost of generating with a KV cache.
+
 Each cell first checks ours against masked SDPA (or against flex where masked is skipped). Dense
 does not depend on w: it is timed in the first window's cell of each (n, d) and reused. Peak memory
 is the extra resident memory (CPU: VmHWM after a reset of the high-water mark) or
@@ -59,6 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=tuple(_DTYPES), default=None, help="default fp32 on CPU, fp16 on CUDA")
     p.add_argument("--variants", default=",".join(VARIANTS), help="subset of " + ",".join(VARIANTS))
     p.add_argument("--flex-block", type=int, default=128, help="FlexAttention BlockMask block size (default 128, its own)")
+    p.add_argument("--decode", action="store_true",
+                   help="one new query over n cached keys (causal window p - w < j <= p; dense = SDPA over all n keys)")
     p.add_argument("--backward", action="store_true", help="time forward + backward (gradients of q, k, v)")
     p.add_argument("--dense-max-len", type=int, default=32768, help="skip dense SDPA above this n")
     p.add_argument("--masked-max-len", type=int, default=16384,
@@ -133,6 +138,14 @@ def _flex():
     return _FLEX["fn"], _FLEX["create_block_mask"]
 
 
+def plan_mask(q_len: int, n: int, w: int, dev) -> torch.Tensor:
+    """The benchmark's rule as a dense bool mask [q_len, n]: |i - j| < w, or for decoding (q_len < n,
+    the last q_len positions) the causal window p - w < j <= p."""
+    j = torch.arange(n, device=dev)[None]
+    p = torch.arange(n - q_len, n, device=dev)[:, None]
+    return (p - j).abs() < w if q_len == n else (j <= p) & (p - j < w)
+
+
 def _make_fns(a, q, k, v, n: int, w: int, plan, variants: set[str]) -> tuple[dict, dict]:
     """Callables per variant (forward, or forward + backward) and the forward outputs for checking."""
     from .. import ops
@@ -142,8 +155,7 @@ def _make_fns(a, q, k, v, n: int, w: int, plan, variants: set[str]) -> tuple[dic
     if "dense" in variants:
         fwd["dense"] = lambda: F.scaled_dot_product_attention(q, k, v)
     if "masked" in variants:
-        idx = torch.arange(n, device=dev)
-        mask = (idx[:, None] - idx[None]).abs() < w
+        mask = plan_mask(q.shape[2], n, w, dev)
         fwd["masked"] = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if "flex" in variants:
         flex, create_block_mask = _flex()
@@ -194,11 +206,13 @@ def _run_cell(a, n: int, w: int, d: int, dense_cache: dict, log) -> dict:
         variants.discard("dense")
     if n > a.masked_max_len:
         variants.discard("masked")
-    if a.backward and a.device == "cpu":
-        variants.discard("flex")  # torch 2.13: "FlexAttention does not support backward on CPU"
-    shape = (a.batch, a.heads, n, d)
-    q, k, v = (torch.randn(shape, device=dev, dtype=dtype).requires_grad_(a.backward) for _ in range(3))
-    plan = SlidingWindow(w, causal=False).plan(n, device=dev)
+    if (a.backward and a.device == "cpu") or a.decode:
+        variants.discard("flex")  # torch 2.13: "FlexAttention does not support backward on CPU"; decode: 1 query
+    q_len = 1 if a.decode else n
+    q = torch.randn(a.batch, a.heads, q_len, d, device=dev, dtype=dtype).requires_grad_(a.backward)
+    k, v = (torch.randn(a.batch, a.heads, n, d, device=dev, dtype=dtype).requires_grad_(a.backward) for _ in range(2))
+    plan = (SlidingWindow(w, causal=True).plan(1, n, device=dev) if a.decode
+            else SlidingWindow(w, causal=False).plan(n, device=dev))
     what = f"n={n} w={w} d={d}"
     fns, outs = _make_fns(a, q, k, v, n, w, plan, variants)
     errs = _check(outs, what)
@@ -207,7 +221,7 @@ def _run_cell(a, n: int, w: int, d: int, dense_cache: dict, log) -> dict:
     gc.collect()
     times = time_interleaved(fns, a.device, a.warmup, a.reps, 3, a.budget)
     row = {"n": n, "w": w, "d": d, "errors": errs, "density": plan.density(),
-           "keys_per_query": min(n, 2 * w - 1) / n}
+           "keys_per_query": (min(n, w) if a.decode else min(n, 2 * w - 1)) / n}
     for name in VARIANTS:
         if name in times:
             row[name] = {**times[name].as_dict(), "peak_bytes": memory.get(name)}
@@ -253,7 +267,8 @@ def _markdown(payload: dict) -> str:
     table = markdown_table(["n", "w", "d", "dense us", "masked us", "flex us", "ours us", "ours vs dense",
                             "ours vs flex", "flex vs dense", "ideal", "dense MiB", "masked MiB", "flex MiB",
                             "ours MiB"], body, align="rrr" + "r" * 12)
-    mode = "forward + backward" if c["backward"] else "forward"
+    mode = ("forward + backward" if c["backward"] else "forward") + (", decode (1 query over n cached keys)"
+                                                                      if c.get("decode") else "")
     return "\n".join([
         f"# Sparse attention benchmark: {c['device']}, {mode}" + (" (quick)" if c["quick"] else ""), "",
         f"- date: {m['date']}; command: `{c['command_line']}`",
@@ -261,12 +276,15 @@ def _markdown(payload: dict) -> str:
         f"- torch {m['torch']}, slimformer {m['slimformer']}, commit {commit}",
         f"- load average (1 min) at start / end: {m['load_avg_1m_at_start']:.2f} / {m['load_avg_1m_at_end']:.2f}"
         + (" -- **the machine was busy: these numbers are unreliable**" if m["busy"] else ""),
-        f"- batch {c['batch']}, {c['heads']} heads, {c['dtype']}; bidirectional window |i - j| < w; median of up to "
+        f"- batch {c['batch']}, {c['heads']} heads, {c['dtype']}; "
+        + ("causal window p - w < j <= p for the last position" if c.get("decode") else "bidirectional window |i - j| < w")
+        + "; median of up to "
         f"{c['reps']} reps, variants interleaved", "",
         table, "",
         "- us = median microseconds per call (* = dense timed in the first window's cell of this n, d); "
         "X vs Y = Y time / X time (above 1 = X faster).",
-        "- ideal = n / (2w - 1): the speed-up over dense if only the allowed pairs cost time.",
+        "- ideal = n / allowed keys per query (2w - 1, or w when decoding): the speed-up over dense if only the "
+        "allowed pairs cost time.",
         "- MiB = extra peak memory of one call (CPU: resident high-water mark; CUDA: allocator peak), output included.",
         "- ours was checked against masked SDPA (or flex where masked is skipped) before timing; errors in the JSON.",
         ""])
@@ -293,7 +311,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
         log(f"WARNING: load average {machine['load_avg_1m_at_start']:.2f}: other work is running, timings are noisy")
     config = {"device": args.device, "dtype": args.dtype, "lengths": args.lengths, "windows": args.windows,
               "head_dims": args.head_dims, "heads": args.heads, "batch": args.batch, "variants": args.variant_list,
-              "backward": args.backward, "flex_block": args.flex_block, "warmup": args.warmup, "reps": args.reps, "budget_s": args.budget,
+              "backward": args.backward, "decode": args.decode, "flex_block": args.flex_block, "warmup": args.warmup, "reps": args.reps, "budget_s": args.budget,
               "dense_max_len": args.dense_max_len, "masked_max_len": args.masked_max_len, "seed": args.seed,
               "quick": args.quick, "command_line": getattr(args, "command_line", " ".join(sys.argv))}
     log(f"slimformer sparse attention benchmark on {machine['gpu'] or machine['cpu_model']}, torch {machine['torch']}")
@@ -313,7 +331,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
     log("")
     log(markdown)
     if not args.no_write:
-        tag = ("_quick" if args.quick else "_custom" if custom else "") + ("_bwd" if args.backward else "")
+        tag = (("_quick" if args.quick else "_custom" if custom else "") + ("_bwd" if args.backward else "")
+               + ("_decode" if args.decode else ""))
         commit = machine["git_commit"] + ("-dirty" if machine["git_dirty"] else "")
         stem = f"sparse_{args.device}{tag}_{_dt.date.today().isoformat()}_{commit}"
         out = args.out if args.out is not None else default_out_dir()
