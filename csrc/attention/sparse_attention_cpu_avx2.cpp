@@ -40,6 +40,18 @@ struct Ymm {
     return mul(p, _mm256_castsi256_ps(e));
   }
 
+  // Lane i = the sum of the lanes of a[i] (8 vectors; a transposing add tree).
+  static F sum_lanes(const F* a) {
+    F t[4], u[2];
+    for (int i = 0; i < 4; ++i)
+      t[i] = add(_mm256_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm256_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 2; ++i) {
+      const __m256d x = _mm256_castps_pd(t[2 * i]), y = _mm256_castps_pd(t[2 * i + 1]);
+      u[i] = add(_mm256_castpd_ps(_mm256_unpacklo_pd(x, y)), _mm256_castpd_ps(_mm256_unpackhi_pd(x, y)));
+    }
+    return add(_mm256_permute2f128_ps(u[0], u[1], 0x20), _mm256_permute2f128_ps(u[0], u[1], 0x31));
+  }
+
   static __m256i cols(int c0) {
     return _mm256_add_epi32(_mm256_set1_epi32(c0), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   }

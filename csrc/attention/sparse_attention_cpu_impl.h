@@ -2,7 +2,8 @@
 // each kernel translation unit's target region, after its policy; see
 // sparse_attention_cpu_prelude.h). V provides: float vector F of W lanes; zero, set1, load, store
 // (unaligned), fma, add, sub, mul, max, exp2 (exactly 0 at and below 2^-126); keep_range /
-// keep_range_or (lanes whose column is outside the allowed set become -inf); convert_f16; and the
+// keep_range_or (lanes whose column is outside the allowed set become -inf); convert_f16; sum_lanes
+// (W vectors -> one vector of their lane sums, for the decode path); and the
 // register blocking KQ_MR x KQ_NV (score tiles) and GM_MR x GM_NV (accumulating products).
 //
 // Orientation: a score tile is S^T[j][c] = k_j . q_c * scale * log2(e), key rows j (< nk) times
@@ -12,6 +13,8 @@
 //   mask (partial / causal-diagonal / padded tiles only)
 //   m' = max(m, max_j S^T), alpha = exp2(m - m'), P^T = exp2(S^T - m'), l = alpha l + sum_j P^T
 //   O = alpha O + P V                 (gemm: broadcast P^T[j][c], FMA with the V row j)
+// Query tiles of at most kDecodeRows rows (decoding) take decode_tile instead: rows as vectors over
+// head_dim, scores W keys at a time (see there).
 // Running maxima start at -1e30, not -inf, so exp2 never sees inf - inf: a column without any
 // allowed key keeps l = 0 and gets out = 0, lse = -inf.
 // Backward (probabilities recomputed from lse2 = lse * log2(e)):
@@ -231,16 +234,27 @@ inline QueryTile query_tile(const SparseAttentionParams& p, int64_t r) {
 // Scratch of one thread, every buffer O(block_size * head_dim): staged rows, the packed Q^T of the
 // forward, score tiles S^T and dP^T, the output / dQ accumulator, converted key and value rows, and
 // per-column statistics (running max / lse2, sum / delta, alpha, global-query flags).
+// One uninitialised allocation (every user writes what it reads); the forward needs no P2.
 struct Scratch {
-  std::vector<float> rows, Xt, S, P2, acc, kpack, vpack, col_a, col_b, col_c, gq;
+  struct Buf {
+    float* p = nullptr;
+    float* data() const { return p; }
+    float& operator[](int64_t i) const { return p[i]; }
+  };
+  std::unique_ptr<float[]> mem;
+  Buf rows, Xt, S, P2, acc, kpack, vpack, col_a, col_b, col_c, gq;
   int64_t Dp = 0, bsp = 0;
-  Scratch(int64_t bs, int64_t D, int W) {
+  Scratch(int64_t bs, int64_t D, int W, bool backward = true) {
     Dp = (D + W - 1) / W * W;
     bsp = (bs + W - 1) / W * W;
-    for (auto* v : {&rows, &kpack, &vpack, &acc}) v->assign(bsp * Dp, 0.0f);
-    Xt.assign(D * bsp, 0.0f);
-    for (auto* v : {&S, &P2}) v->assign(bsp * bsp, 0.0f);
-    for (auto* v : {&col_a, &col_b, &col_c, &gq}) v->assign(bsp, 0.0f);
+    const int64_t a = bsp * Dp, x = D * bsp, s = bsp * bsp, c = bsp;
+    mem.reset(new float[4 * a + x + (backward ? 2 : 1) * s + 4 * c]);
+    float* q = mem.get();
+    for (Buf* b : {&rows, &kpack, &vpack, &acc}) b->p = q, q += a;
+    Xt.p = q, q += x;
+    S.p = q, q += s;
+    if (backward) P2.p = q, q += s;
+    for (Buf* b : {&col_a, &col_b, &col_c, &gq}) b->p = q, q += c;
   }
 };
 
@@ -313,13 +327,187 @@ inline void dscores(float* S, const float* DP, int64_t lds, int64_t nk, int nv, 
   }
 }
 
+// out = O / l and lse = (m + log2 l) ln 2 for the tile's rows; rows with l = 0: zeros and -inf.
+inline void write_rows(const SparseAttentionParams& p, const SparseAttentionCpuData& io, int64_t b, int64_t h,
+                       const QueryTile& qt, const float* O, int64_t Dp, const float* m, const float* l) {
+  const int64_t D = p.head_dim;
+  float* out = io.out + ((b * p.q_heads + h) * p.q_len + qt.i0) * D;
+  float* lse = io.lse + (b * p.q_heads + h) * p.q_len + qt.i0;
+  for (int64_t i = 0; i < qt.nq; ++i) {
+    if (l[i] > 0.0f) {
+      const float inv = 1.0f / l[i];
+      for (int64_t d = 0; d < D; ++d) out[i * D + d] = O[i * Dp + d] * inv;
+      lse[i] = (m[i] + std::log2(l[i])) * kLn2;
+    } else {
+      for (int64_t d = 0; d < D; ++d) out[i * D + d] = 0.0f;
+      lse[i] = -std::numeric_limits<float>::infinity();
+    }
+  }
+}
+
+// ---- decode (query tiles of at most kDecodeRows rows) ---------------------------------------------
+// With a few query rows, Q^T columns would leave most lanes idle. Instead each row is a vector over
+// head_dim and scores come W keys at a time: acc[kk] = sum_d q[d] k_kk[d] lane-wise, then one
+// transposing add tree (V::sum_lanes) puts key kk's score in lane kk. The score rows S [nq][keys]
+// are then masked and exponentiated along keys, and O += P V is the forward's gemm with P read
+// row-wise. Same statistics (m, l, alpha per row) and the same exp2 as the tile path.
+constexpr int64_t kDecodeRows = 4;
+
+// Lane kk = q . kr[kk] over nvd vectors (rows zero padded to a multiple of W).
+template <class V>
+inline typename V::F dot_keys(const float* q, const float* const* kr, int64_t nvd) {
+  using F = typename V::F;
+  F acc[V::W];
+  for (int kk = 0; kk < V::W; ++kk) acc[kk] = V::zero();
+  for (int64_t dv = 0; dv < nvd; ++dv) {
+    const F x = V::load(q + dv * V::W);
+    for (int kk = 0; kk < V::W; ++kk) acc[kk] = V::fma(x, V::load(kr[kk] + dv * V::W), acc[kk]);
+  }
+  return V::sum_lanes(acc);
+}
+
+// O = a O + sum_{j<nk} P[j] V_j for one row, N vectors of columns; the keys are spread over four
+// accumulator sets so that one row is not bound by the latency of a single FMA chain.
+template <class V, int N>
+inline void pv_block(int64_t nk, const float* P, const float* Vr, int64_t ldv, float* O, float a) {
+  using F = typename V::F;
+  F acc[4][N];
+  for (int u = 0; u < 4; ++u)
+    for (int n = 0; n < N; ++n) acc[u][n] = V::zero();
+  int64_t j = 0;
+  for (; j + 4 <= nk; j += 4)
+    for (int u = 0; u < 4; ++u) {
+      const F pj = V::set1(P[j + u]);
+      const float* vr = Vr + (j + u) * ldv;
+      for (int n = 0; n < N; ++n) acc[u][n] = V::fma(pj, V::load(vr + n * V::W), acc[u][n]);
+    }
+  for (; j < nk; ++j) {
+    const F pj = V::set1(P[j]);
+    for (int n = 0; n < N; ++n) acc[0][n] = V::fma(pj, V::load(Vr + j * ldv + n * V::W), acc[0][n]);
+  }
+  const F s = V::set1(a);
+  for (int n = 0; n < N; ++n)
+    V::store(O + n * V::W,
+             V::fma(V::load(O + n * V::W), s, V::add(V::add(acc[0][n], acc[1][n]), V::add(acc[2][n], acc[3][n]))));
+}
+
+template <class V>
+inline float lane_max(typename V::F x) {
+  float t[V::W];
+  V::store(t, x);
+  float r = t[0];
+  for (int i = 1; i < V::W; ++i) r = t[i] > r ? t[i] : r;
+  return r;
+}
+
+template <class V>
+inline float lane_sum(typename V::F x) {
+  float t[V::W];
+  V::store(t, x);
+  float r = 0.0f;
+  for (int i = 0; i < V::W; ++i) r += t[i];
+  return r;
+}
+
+// The element rule on the score row s [nkw] of key tile (j0, nk) for the query at position pos;
+// lanes at and beyond nk (duplicated keys) become -inf.
+template <class V>
+void mask_keys(const SparseAttentionParams& p, int64_t b, float* s, int64_t pos, int64_t j0, int64_t nk, int64_t nkw,
+               bool full) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const uint8_t* g = p.global_mask;
+  const bool all = full || (g && g[pos]);
+  const int64_t chi = p.causal ? pos - j0 : int64_t{kFar};  // causal: key offset <= pos - j0
+  if (all || !g) {
+    int64_t lo = 1, hi = 0;  // empty unless a window
+    if (all) {
+      lo = -kFar, hi = kFar;
+    } else if (p.window_left >= 0) {
+      lo = pos - p.window_left - j0;
+      hi = pos + p.window_right - j0;
+    }
+    hi = std::min<int64_t>({hi, chi, nk - 1});
+    if (lo > 0 || hi < nkw - 1) mask_row<V>(s, static_cast<int>(nkw / V::W), clamp_col(lo), clamp_col(hi), nullptr, 0);
+  } else {  // partial tile, non-global query, global keys: element by element
+    for (int64_t j = 0; j < nkw; ++j) {
+      const int64_t jj = j0 + j;
+      const bool win = p.window_left >= 0 && jj >= pos - p.window_left && jj <= pos + p.window_right;
+      if (j >= nk || j > chi || !(win || g[jj])) s[j] = ninf;
+    }
+  }
+  if (p.key_mask) {
+    const uint8_t* km = p.key_mask + b * p.key_mask_stride_b + j0;
+    for (int64_t j = 0; j < nk; ++j)
+      if (!km[j]) s[j] = ninf;
+  }
+}
+
+// One query tile of nq <= kDecodeRows rows, Q packed as rows [nq][Dp] (scale * log2(e) folded in):
+// fills O [nq][Dp], m and l like the tile path.
+template <class V>
+void decode_tile(const SparseAttentionParams& p, const SparseAttentionCpuData& io, Scratch& sc, int64_t b, int64_t hk,
+                 int64_t lh, int64_t r, const QueryTile& qt) {
+  using F = typename V::F;
+  const int64_t D = p.head_dim, Dp = sc.Dp, ld = sc.bsp, nvd = Dp / V::W, nq = qt.nq;
+  const float* Q = sc.rows.data();
+  float *S = sc.S.data(), *O = sc.acc.data();
+  float *m = sc.col_a.data(), *l = sc.col_b.data(), *alpha = sc.col_c.data();
+  for (int64_t i = 0; i < nq; ++i) {
+    m[i] = kNegBig;
+    l[i] = 0.0f;
+  }
+  std::fill(O, O + nq * Dp, 0.0f);
+  const int64_t kv_off = b * p.k_stride_b + hk * p.k_stride_h, v_off = b * p.v_stride_b + hk * p.v_stride_h;
+  const int32_t* rp = p.row_ptr + lh * (p.num_q_blocks + 1);
+  for (int32_t e = rp[r]; e < rp[r + 1]; ++e) {
+    const int64_t j0 = int64_t(p.col_idx[e]) * p.block_size;
+    const int64_t nk = std::min<int64_t>(p.block_size, p.kv_len - j0), nkw = (nk + V::W - 1) / V::W * V::W;
+    const bool full = p.col_full[e] != 0;
+    int64_t ldk, ldv;
+    const float* K = kv_rows<V>(io.dtype, io.k, kv_off + j0 * p.k_stride_s, p.k_stride_s, nk, D, Dp, sc.kpack.data(),
+                                ldk);
+    const float* Vr = kv_rows<V>(io.dtype, io.v, v_off + j0 * p.v_stride_s, p.v_stride_s, nk, D, Dp,
+                                 sc.vpack.data(), ldv);
+    for (int64_t c0 = 0; c0 < nkw; c0 += V::W) {
+      const float* kr[V::W];
+      for (int kk = 0; kk < V::W; ++kk) kr[kk] = K + std::min<int64_t>(c0 + kk, nk - 1) * ldk;
+      for (int64_t i = 0; i < nq; ++i) V::store(S + i * ld + c0, dot_keys<V>(Q + i * Dp, kr, nvd));
+    }
+    const bool diag = p.causal && j0 + nk - 1 > qt.p_lo;
+    for (int64_t i = 0; i < nq; ++i) {
+      float* s = S + i * ld;
+      if (!full || diag || p.key_mask || nkw > nk) mask_keys<V>(p, b, s, qt.p_lo + i, j0, nk, nkw, full);
+      F mv = V::set1(m[i]);
+      for (int64_t c0 = 0; c0 < nkw; c0 += V::W) mv = V::max(mv, V::load(s + c0));
+      const float mx = lane_max<V>(mv);
+      const F mb = V::set1(mx);
+      F sum = V::zero();
+      for (int64_t c0 = 0; c0 < nkw; c0 += V::W) {
+        const F e2 = V::exp2(V::sub(V::load(s + c0), mb));
+        V::store(s + c0, e2);
+        sum = V::add(sum, e2);
+      }
+      float a[V::W];
+      V::store(a, V::exp2(V::set1(m[i] - mx)));
+      alpha[i] = a[0];
+      l[i] = l[i] * a[0] + lane_sum<V>(sum);
+      m[i] = mx;
+    }
+    for (int64_t i = 0; i < nq; ++i)
+      for (int64_t c0 = 0; c0 < nvd; c0 += V::GM_NV)
+        with_count<V::GM_NV>(static_cast<int>(std::min<int64_t>(V::GM_NV, nvd - c0)), [&](auto n) {
+          pv_block<V, decltype(n)::value>(nk, S + i * ld, Vr + c0 * V::W, ldv, O + i * Dp + c0 * V::W, alpha[i]);
+        });
+  }
+}
+
 // ---- forward --------------------------------------------------------------------------------------
 
 template <class V>
 void fwd_range(const SparseAttentionParams& p, const SparseAttentionCpuData& io, int64_t it0, int64_t it1) {
   using F = typename V::F;
   const int64_t D = p.head_dim, groups = p.q_heads / p.kv_heads;
-  Scratch sc(p.block_size, D, V::W);
+  Scratch sc(p.block_size, D, V::W, /*backward=*/false);
   const int64_t Dp = sc.Dp, ld = sc.bsp;
   const float qmul = p.scale * kLog2e;
   float *Qt = sc.Xt.data(), *S = sc.S.data(), *O = sc.acc.data();
@@ -331,6 +519,11 @@ void fwd_range(const SparseAttentionParams& p, const SparseAttentionCpuData& io,
     const QueryTile qt = query_tile<V>(p, r);
     pack_rows<V>(io.dtype, io.q, b * p.q_stride_b + h * p.q_stride_h + qt.i0 * p.q_stride_s, p.q_stride_s, qt.nq, D,
                  Dp, qmul, sc.rows.data());
+    if (qt.nq <= kDecodeRows) {
+      decode_tile<V>(p, io, sc, b, hk, lh, r, qt);
+      write_rows(p, io, b, h, qt, O, Dp, m, l);
+      continue;
+    }
     transpose_rows(sc.rows.data(), qt.nq, D, Dp, ld, Qt);
     const float* gq = global_cols(p, qt, V::W, sc.gq.data());
     for (int64_t c = 0; c < qt.nv * V::W; ++c) {
@@ -368,18 +561,7 @@ void fwd_range(const SparseAttentionParams& p, const SparseAttentionCpuData& io,
       }
       gemm<V>(qt.nq, Dp, nk, S, 1, ld, Vr, ldv, O, Dp, alpha, true);
     }
-    float* out = io.out + ((b * p.q_heads + h) * p.q_len + qt.i0) * D;
-    float* lse = io.lse + (b * p.q_heads + h) * p.q_len + qt.i0;
-    for (int64_t i = 0; i < qt.nq; ++i) {
-      if (l[i] > 0.0f) {
-        const float inv = 1.0f / l[i];
-        for (int64_t d = 0; d < D; ++d) out[i * D + d] = O[i * Dp + d] * inv;
-        lse[i] = (m[i] + std::log2(l[i])) * kLn2;
-      } else {
-        for (int64_t d = 0; d < D; ++d) out[i * D + d] = 0.0f;
-        lse[i] = -std::numeric_limits<float>::infinity();
-      }
-    }
+    write_rows(p, io, b, h, qt, O, Dp, m, l);
   }
 }
 

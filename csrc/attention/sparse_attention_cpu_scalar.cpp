@@ -38,6 +38,7 @@ struct Scalar1 {
     return p * s;
   }
 
+  static F sum_lanes(const F* a) { return a[0]; }
   static F keep_range(F v, int c0, int lo, int hi) { return c0 >= lo && c0 <= hi ? v : -INFINITY; }
   static F keep_range_or(F v, int c0, int lo, int hi, const float* gq, int clo) {
     return (c0 >= lo && c0 <= hi) || (*gq > 0.0f && c0 >= clo) ? v : -INFINITY;
