@@ -18,7 +18,6 @@ Use ``slimformer bench binary --help`` for the options.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
 import os
 import sys
@@ -28,8 +27,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .common import (guarded_run, parse_command_line, CacheFlusher, KernelMismatch, default_out_dir, fmt_us, is_busy, machine_facts, markdown_table,
-                     parse_ints, parse_shapes, rel_err, time_interleaved, write_report)
+from .common import (CacheFlusher, KernelMismatch, fmt_us, guarded_run, is_busy, machine_facts, markdown_table,
+                     parse_command_line, parse_ints, parse_shapes, publish, rel_err, time_interleaved)
 
 SUMMARY = "1-bit weight kernels (W1A-fp and W1A1) vs torch dense F.linear"
 DESCRIPTION = __doc__.split("Use ``slimformer")[0].replace("``", "")
@@ -175,16 +174,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
     machine["load_avg_1m_at_end"] = os.getloadavg()[0]
     machine["busy"] = is_busy(args.device, machine)
     payload = {"benchmark": "binary", "machine": machine, "config": config, "rows": rows}
-    markdown = _markdown(payload)
-    log("")
-    log(markdown)
-    if not args.no_write:
-        tag = ("_quick" if args.quick else "_custom" if custom else "") + ("_warm" if args.warm_cache else "")
-        commit = machine["git_commit"] + ("-dirty" if machine["git_dirty"] else "")
-        stem = f"binary_{args.device}{tag}_{_dt.date.today().isoformat()}_{commit}"
-        out = args.out if args.out is not None else default_out_dir()
-        written = write_report(Path(out), stem, f"binary_{args.device}{tag}_latest", payload, markdown)
-        log("wrote " + ", ".join(str(p) for p in written))
+    tag = ("_quick" if args.quick else "_custom" if custom else "") + ("_warm" if args.warm_cache else "")
+    publish(f"binary_{args.device}{tag}", payload, _markdown(payload), args.out, not args.no_write, log)
     return payload
 
 

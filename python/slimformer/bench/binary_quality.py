@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as _dt
 import os
 import random
 import sys
@@ -32,7 +31,7 @@ from typing import Sequence
 
 import torch
 
-from .common import default_out_dir, machine_facts, markdown_table, parse_command_line, write_report
+from .common import machine_facts, markdown_table, parse_command_line, publish
 
 SUMMARY = "all-MiniLM-L6-v2 binarized: embedding cosine vs fp32, post-training vs distilled"
 DESCRIPTION = __doc__.split("Use ``slimformer")[0].replace("``", "")
@@ -143,16 +142,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
     payload = {"benchmark": "binary_quality", "machine": machine, "config": config,
                "fp32_bytes": fp32_bytes, "fp32_linear_bytes": fp32_linear, "results": results,
                "train_sentences": len(train), "eval_sentences": len(held_out)}
-    markdown = _markdown(payload)
-    log("")
-    log(markdown)
-    if not args.no_write:
-        commit = machine["git_commit"] + ("-dirty" if machine["git_dirty"] else "")
-        tag = "-".join(modes)
-        stem = f"binary_quality_{tag}_{_dt.date.today().isoformat()}_{commit}"
-        written = write_report(Path(args.out or default_out_dir()), stem, f"binary_quality_{tag}_latest", payload,
-                               markdown)
-        log("wrote " + ", ".join(str(p) for p in written))
+    publish(f"binary_quality_{'-'.join(modes)}", payload, _markdown(payload), args.out, not args.no_write, log)
     return payload
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "git_info",
     "machine_facts",
     "markdown_table",
+    "publish",
     "parse_ints",
     "parse_shapes",
     "rel_err",
@@ -288,6 +289,21 @@ def write_report(out_dir: Path, stem: str, latest_stem: str, payload: dict, mark
         path.write_text(content, encoding="utf-8")
         written.append(path)
     return written
+
+
+def publish(prefix: str, payload: dict, markdown: str, out_dir: Path | None, write: bool, log=print) -> None:
+    """Print the markdown report and (``write``) save it as ``<prefix>_<date>_<commit>`` and
+    ``<prefix>_latest`` (.json + .md) in ``out_dir`` (default :func:`default_out_dir`)."""
+    log("")
+    log(markdown)
+    if not write:
+        return
+    m = payload["machine"]
+    commit = m["git_commit"] + ("-dirty" if m["git_dirty"] else "")
+    stem = f"{prefix}_{_dt.date.today().isoformat()}_{commit}"
+    written = write_report(Path(out_dir) if out_dir is not None else default_out_dir(), stem, f"{prefix}_latest",
+                           payload, markdown)
+    log("wrote " + ", ".join(str(p) for p in written))
 
 
 # -- shared by the kernel benchmarks -----------------------------------------------------------

@@ -24,7 +24,6 @@ Use ``slimformer bench gptq --help`` for the options.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
 import os
 import sys
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 
 from .common import (BUSY_LOAD, CacheFlusher, KernelMismatch, default_out_dir, fmt_us as _fmt_us, guarded_run,
                      is_busy as _busy, machine_facts, markdown_table, parse_command_line, parse_ints as _parse_ints,
-                     parse_shapes as _parse_shapes, rel_err as _rel_err, time_interleaved, write_report)
+                     parse_shapes as _parse_shapes, publish, rel_err as _rel_err, time_interleaved)
 
 SUMMARY = "GPTQ dequantize-matmul vs torch dense F.linear and torch's int4 kernel on LLM layer shapes"
 DESCRIPTION = __doc__.split("Use ``slimformer")[0].replace("``", "")
@@ -422,16 +421,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
     machine["busy"] = _busy(a.device, machine)
     payload = {"benchmark": "gptq", "machine": machine, "config": config, "rows": rows}
     payload["table"] = _table(rows, a.device)
-    markdown = _markdown(payload)
-    log("")
-    log(markdown)
-    if not a.no_write:
-        date = _dt.date.today().isoformat()
-        tag = "_quick" if a.quick else ("_custom" if a.custom else "")
-        commit = machine["git_commit"] + ("-dirty" if machine["git_dirty"] else "")
-        stem = f"gptq_{a.device}{tag}_{date}_{commit}"
-        written = write_report(Path(a.out), stem, f"gptq_{a.device}{tag}_latest", payload, markdown)
-        log("wrote " + ", ".join(str(p) for p in written))
+    tag = "_quick" if a.quick else ("_custom" if a.custom else "")
+    publish(f"gptq_{a.device}{tag}", payload, _markdown(payload), Path(a.out), not a.no_write, log)
     return payload
 
 

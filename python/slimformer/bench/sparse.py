@@ -24,7 +24,6 @@ Use ``slimformer bench sparse --help`` for the options.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
 import os
 import sys
@@ -34,8 +33,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .common import (KernelMismatch, default_out_dir, fmt_us, guarded_run, is_busy, machine_facts, markdown_table,
-                     parse_command_line, parse_ints, rel_err, time_interleaved, write_report)
+from .common import (KernelMismatch, fmt_us, guarded_run, is_busy, machine_facts, markdown_table, parse_command_line,
+                     parse_ints, publish, rel_err, time_interleaved)
 
 SUMMARY = "sparse (sliding-window) attention vs dense SDPA, masked SDPA and FlexAttention"
 DESCRIPTION = __doc__.split("Use ``slimformer")[0].replace("``", "")
@@ -327,17 +326,9 @@ def run(args: argparse.Namespace, log=print) -> dict:
     machine["load_avg_1m_at_end"] = os.getloadavg()[0]
     machine["busy"] = is_busy(args.device, machine)
     payload = {"benchmark": "sparse", "machine": machine, "config": config, "rows": rows}
-    markdown = _markdown(payload)
-    log("")
-    log(markdown)
-    if not args.no_write:
-        tag = (("_quick" if args.quick else "_custom" if custom else "") + ("_bwd" if args.backward else "")
-               + ("_decode" if args.decode else ""))
-        commit = machine["git_commit"] + ("-dirty" if machine["git_dirty"] else "")
-        stem = f"sparse_{args.device}{tag}_{_dt.date.today().isoformat()}_{commit}"
-        out = args.out if args.out is not None else default_out_dir()
-        written = write_report(Path(out), stem, f"sparse_{args.device}{tag}_latest", payload, markdown)
-        log("wrote " + ", ".join(str(p) for p in written))
+    tag = (("_quick" if args.quick else "_custom" if custom else "") + ("_bwd" if args.backward else "")
+           + ("_decode" if args.decode else ""))
+    publish(f"sparse_{args.device}{tag}", payload, _markdown(payload), args.out, not args.no_write, log)
     return payload
 
 

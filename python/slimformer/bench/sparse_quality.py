@@ -23,7 +23,6 @@ Use ``slimformer bench sparse-quality --help`` for the options.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import os
 import sys
 import time
@@ -32,7 +31,7 @@ from typing import Sequence
 
 import torch
 
-from .common import default_out_dir, machine_facts, markdown_table, parse_command_line, parse_ints, write_report
+from .common import machine_facts, markdown_table, parse_command_line, parse_ints, publish
 
 SUMMARY = "sliding-window sparse attention: SmolLM2 perplexity at 2048 and MiniLM embedding cosine vs dense"
 DESCRIPTION = __doc__.split("Use ``slimformer")[0].replace("``", "")
@@ -158,14 +157,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
     payload = {"benchmark": "sparse_quality", "machine": machine, "config": config, "decoder": decoder,
                "encoder": encoder}
-    markdown = _markdown(payload)
-    log("")
-    log(markdown)
-    if not args.no_write:
-        commit = machine["git_commit"] + ("-dirty" if machine["git_dirty"] else "")
-        stem = f"sparse_quality_{_dt.date.today().isoformat()}_{commit}"
-        written = write_report(Path(args.out or default_out_dir()), stem, "sparse_quality_latest", payload, markdown)
-        log("wrote " + ", ".join(str(p) for p in written))
+    publish("sparse_quality", payload, _markdown(payload), args.out, not args.no_write, log)
     return payload
 
 
