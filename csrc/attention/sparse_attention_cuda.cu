@@ -15,18 +15,20 @@
 #include <string.h>
 
 #include "attention/sparse_attention_cuda.h"
+#include "common/cuda_types.cuh"
 
 namespace slimformer {
 namespace attention {
 namespace cuda {
 namespace {
 
-constexpr unsigned kFull = 0xffffffffu;
+using cuda_types::from_float;
+using cuda_types::IntTag;
+using cuda_types::to_float;
+using cuda_types::TypeTag;
+using cuda_types::with_type;
 
-template <int V>
-struct IntTag {
-  static constexpr int value = V;
-};
+constexpr unsigned kFull = 0xffffffffu;
 
 template <class F>
 bool with_head_dim(int64_t d, F&& f) {
@@ -40,30 +42,6 @@ bool with_head_dim(int64_t d, F&& f) {
   }
 }
 
-template <class T>
-struct TypeTag {
-  using type = T;
-};
-template <class F>
-void with_type(DType t, F&& f) {
-  switch (t) {
-    case DType::kFloat16: f(TypeTag<__half>{}); break;
-    case DType::kBFloat16: f(TypeTag<__nv_bfloat16>{}); break;
-    default: f(TypeTag<float>{}); break;
-  }
-}
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <class T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // Two floats as one 32-bit register of two 16-bit values, `lo` in the low half (the lower column of
 // an mma fragment pair).

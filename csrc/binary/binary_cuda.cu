@@ -8,43 +8,18 @@
 #include <cuda_fp16.h>
 
 #include "binary/binary_cuda.h"
+#include "common/cuda_types.cuh"
 
 namespace slimformer {
 namespace binary {
 namespace cuda {
 namespace {
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <class T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-template <class T>
-struct TypeTag {
-  using type = T;
-};
-
-template <class F>
-void with_type(DType t, F&& f) {
-  switch (t) {
-    case DType::kFloat16: f(TypeTag<__half>{}); break;
-    case DType::kBFloat16: f(TypeTag<__nv_bfloat16>{}); break;
-    default: f(TypeTag<float>{}); break;
-  }
-}
-
-template <int V>
-struct IntTag {
-  static constexpr int value = V;
-};
+using cuda_types::from_float;
+using cuda_types::IntTag;
+using cuda_types::to_float;
+using cuda_types::TypeTag;
+using cuda_types::with_type;
 
 template <class F>
 void with_token_tile(int tm, F&& f) {

@@ -10,6 +10,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "common/cuda_types.cuh"
 #include "gptq/gptq_cuda.h"
 
 namespace slimformer {
@@ -17,34 +18,12 @@ namespace gptq {
 namespace cuda {
 namespace {
 
-// Hardware conversions for x and outputs (one instruction, unlike the portable decoder in
-// gptq_format.h, which the kernels keep for scales and bias: loaded once per group or column).
-SF_HD float to_float(float v) { return v; }
-SF_HD float to_float(__half v) { return __half2float(v); }
-SF_HD float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <class T>
-SF_HD T from_float(float v);
-template <>
-SF_HD float from_float<float>(float v) { return v; }
-template <>
-SF_HD __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-SF_HD __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-template <class T>
-struct TypeTag {
-  using type = T;
-};
-
-template <class F>
-void with_type(ScaleType t, F&& f) {
-  switch (t) {
-    case ScaleType::kFloat16: f(TypeTag<__half>{}); break;
-    case ScaleType::kBFloat16: f(TypeTag<__nv_bfloat16>{}); break;
-    default: f(TypeTag<float>{}); break;
-  }
-}
+// Hardware conversions for x and outputs (common/cuda_types.cuh: one instruction, unlike the portable
+// decoder in gptq_format.h, which the kernels keep for scales and bias: loaded once per group or column).
+using cuda_types::from_float;
+using cuda_types::to_float;
+using cuda_types::TypeTag;
+using cuda_types::with_type;
 
 template <class T>
 struct XLoad {
