@@ -291,6 +291,25 @@ inline const float* kv_rows(ElemType t, const void* base, int64_t off, int64_t s
   return buf;
 }
 
+// Key tile c of (b, kv head hk): its key and value rows [j0, j0 + nk) as fp32 (kv_rows).
+struct KeyTile {
+  int64_t j0, nk, ldk, ldv;
+  const float *K, *Vr;
+};
+
+template <class V>
+inline KeyTile key_tile(const SparseAttentionParams& p, const SparseAttentionCpuData& io, Scratch& sc, int64_t b,
+                        int64_t hk, int64_t c, int64_t D, int64_t Dp) {
+  KeyTile t;
+  t.j0 = c * p.block_size;
+  t.nk = std::min<int64_t>(p.block_size, p.kv_len - t.j0);
+  t.K = kv_rows<V>(io.dtype, io.k, b * p.k_stride_b + hk * p.k_stride_h + t.j0 * p.k_stride_s, p.k_stride_s, t.nk,
+                   D, Dp, sc.kpack.data(), t.ldk);
+  t.Vr = kv_rows<V>(io.dtype, io.v, b * p.v_stride_b + hk * p.v_stride_h + t.j0 * p.v_stride_s, p.v_stride_s, t.nk,
+                    D, Dp, sc.vpack.data(), t.ldv);
+  return t;
+}
+
 // Global-query columns of a tile into gq; returns gq or null when there is none.
 inline const float* global_cols(const SparseAttentionParams& p, const QueryTile& qt, int W, float* gq) {
   if (!p.global_mask) return nullptr;
@@ -457,17 +476,12 @@ void decode_tile(const SparseAttentionParams& p, const SparseAttentionCpuData& i
     l[i] = 0.0f;
   }
   std::fill(O, O + nq * Dp, 0.0f);
-  const int64_t kv_off = b * p.k_stride_b + hk * p.k_stride_h, v_off = b * p.v_stride_b + hk * p.v_stride_h;
   const int32_t* rp = p.row_ptr + lh * (p.num_q_blocks + 1);
   for (int32_t e = rp[r]; e < rp[r + 1]; ++e) {
-    const int64_t j0 = int64_t(p.col_idx[e]) * p.block_size;
-    const int64_t nk = std::min<int64_t>(p.block_size, p.kv_len - j0), nkw = (nk + V::W - 1) / V::W * V::W;
+    const KeyTile kt = key_tile<V>(p, io, sc, b, hk, p.col_idx[e], D, Dp);
+    const int64_t j0 = kt.j0, nk = kt.nk, ldk = kt.ldk, ldv = kt.ldv, nkw = (nk + V::W - 1) / V::W * V::W;
+    const float *K = kt.K, *Vr = kt.Vr;
     const bool full = p.col_full[e] != 0;
-    int64_t ldk, ldv;
-    const float* K = kv_rows<V>(io.dtype, io.k, kv_off + j0 * p.k_stride_s, p.k_stride_s, nk, D, Dp, sc.kpack.data(),
-                                ldk);
-    const float* Vr = kv_rows<V>(io.dtype, io.v, v_off + j0 * p.v_stride_s, p.v_stride_s, nk, D, Dp,
-                                 sc.vpack.data(), ldv);
     for (int64_t c0 = 0; c0 < nkw; c0 += V::W) {
       const float* kr[V::W];
       for (int kk = 0; kk < V::W; ++kk) kr[kk] = K + std::min<int64_t>(c0 + kk, nk - 1) * ldk;
@@ -531,16 +545,11 @@ void fwd_range(const SparseAttentionParams& p, const SparseAttentionCpuData& io,
       l[c] = 0.0f;
     }
     std::fill(O, O + qt.nq * Dp, 0.0f);
-    const int64_t kv_off = b * p.k_stride_b + hk * p.k_stride_h, v_off = b * p.v_stride_b + hk * p.v_stride_h;
     const int32_t* rp = p.row_ptr + lh * (p.num_q_blocks + 1);
     for (int32_t e = rp[r]; e < rp[r + 1]; ++e) {
-      const int64_t j0 = int64_t(p.col_idx[e]) * p.block_size;
-      const int64_t nk = std::min<int64_t>(p.block_size, p.kv_len - j0);
-      int64_t ldk, ldv;
-      const float* K = kv_rows<V>(io.dtype, io.k, kv_off + j0 * p.k_stride_s, p.k_stride_s, nk, D, Dp,
-                                  sc.kpack.data(), ldk);
-      const float* Vr = kv_rows<V>(io.dtype, io.v, v_off + j0 * p.v_stride_s, p.v_stride_s, nk, D, Dp,
-                                   sc.vpack.data(), ldv);
+      const KeyTile kt = key_tile<V>(p, io, sc, b, hk, p.col_idx[e], D, Dp);
+      const int64_t j0 = kt.j0, nk = kt.nk, ldk = kt.ldk, ldv = kt.ldv;
+      const float *K = kt.K, *Vr = kt.Vr;
       kq<V>(nk, D, K, ldk, Qt, ld, qt.nv, S, ld);
       mask_tile<V>(p, b, S, ld, qt.p_lo, qt.nv, j0, nk, p.col_full[e] != 0, gq);
       for (int v = 0; v < qt.nv; ++v) {
@@ -607,16 +616,11 @@ void dq_range(const SparseAttentionParams& p, const SparseAttentionCpuData& io, 
     query_cols(p, io, sc, b, h, qt);
     const float* gq = global_cols(p, qt, V::W, sc.gq.data());
     std::fill(dQ, dQ + qt.nq * Dp, 0.0f);
-    const int64_t kv_off = b * p.k_stride_b + hk * p.k_stride_h, v_off = b * p.v_stride_b + hk * p.v_stride_h;
     const int32_t* rp = p.row_ptr + lh * (p.num_q_blocks + 1);
     for (int32_t e = rp[r]; e < rp[r + 1]; ++e) {
-      const int64_t j0 = int64_t(p.col_idx[e]) * p.block_size;
-      const int64_t nk = std::min<int64_t>(p.block_size, p.kv_len - j0);
-      int64_t ldk, ldv;
-      const float* K = kv_rows<V>(io.dtype, io.k, kv_off + j0 * p.k_stride_s, p.k_stride_s, nk, D, Dp,
-                                  sc.kpack.data(), ldk);
-      const float* Vr = kv_rows<V>(io.dtype, io.v, v_off + j0 * p.v_stride_s, p.v_stride_s, nk, D, Dp,
-                                   sc.vpack.data(), ldv);
+      const KeyTile kt = key_tile<V>(p, io, sc, b, hk, p.col_idx[e], D, Dp);
+      const int64_t j0 = kt.j0, nk = kt.nk, ldk = kt.ldk, ldv = kt.ldv;
+      const float *K = kt.K, *Vr = kt.Vr;
       kq<V>(nk, D, K, ldk, Xt, ld, qt.nv, S, ld);
       mask_tile<V>(p, b, S, ld, qt.p_lo, qt.nv, j0, nk, p.col_full[e] != 0, gq);
       probs_from_lse<V>(S, ld, nk, qt.nv, sc.col_a.data());
@@ -641,12 +645,9 @@ void dkdv_range(const SparseAttentionParams& p, const SparseAttentionCpuData& io
   for (int64_t it = it0 * tiles; it < it1 * tiles; ++it) {  // fused: all key tiles of (b, kv head)
     const int64_t c = it % p.num_k_blocks, hk = (it / p.num_k_blocks) % p.kv_heads;
     const int64_t b = it / p.num_k_blocks / p.kv_heads;
-    const int64_t j0 = c * p.block_size, nk = std::min<int64_t>(p.block_size, p.kv_len - j0);
-    int64_t ldk, ldv;
-    const float* K = kv_rows<V>(io.dtype, io.k, b * p.k_stride_b + hk * p.k_stride_h + j0 * p.k_stride_s,
-                                p.k_stride_s, nk, D, Dp, sc.kpack.data(), ldk);
-    const float* Vr = kv_rows<V>(io.dtype, io.v, b * p.v_stride_b + hk * p.v_stride_h + j0 * p.v_stride_s,
-                                 p.v_stride_s, nk, D, Dp, sc.vpack.data(), ldv);
+    const KeyTile kt = key_tile<V>(p, io, sc, b, hk, c, D, Dp);
+    const int64_t j0 = kt.j0, nk = kt.nk, ldk = kt.ldk, ldv = kt.ldv;
+    const float *K = kt.K, *Vr = kt.Vr;
     std::fill(dK.begin(), dK.end(), 0.0f);
     std::fill(dV.begin(), dV.end(), 0.0f);
     for (int64_t g = 0; g < groups; ++g) {
