@@ -12,6 +12,7 @@
 #include "common/cpu_features.h"
 #include "gptq/gptq_cuda_test_hooks.h"
 #include "gptq/gptq_format.h"
+#include "tome/tome_cuda_test_hooks.h"
 
 #ifndef SLIMFORMER_CUDA_ARCHS
 #define SLIMFORMER_CUDA_ARCHS ""
@@ -87,4 +88,6 @@ PYBIND11_MODULE(_C, m) {
   // _test_sparse_cuda_*: the sparse attention CUDA kernels' math and host replays
   // (attention/sparse_attention_cuda_test_hooks.h).
   attention::cuda::test_hooks::add(m);
+  // _test_tome_cuda_*: the token merging CUDA kernels' math and host replays (tome/tome_cuda_test_hooks.h).
+  tome::cuda::test_hooks::add(m);
 }

@@ -39,4 +39,11 @@ TORCH_LIBRARY(slimformer, m) {
       "Tensor col_idx, Tensor col_full, Tensor col_ptr, Tensor row_idx, Tensor row_full, Tensor? global_mask, "
       "Tensor? key_mask, int block_size, int q_offset, int first_q_block, int window_left, int window_right, "
       "bool causal, float scale) -> (Tensor, Tensor, Tensor)");
+  // Token merging (tome/tome_math.h, python/slimformer/tome/reference.py). Bipartite soft matching:
+  // metric [B, N, C] (fp32/fp16/bf16), sizes float32 [B, N], roles int8 [B, N] -> slot int64 [B, N]
+  // (output token of each input token; N - r outputs), dst int64 [B, N], score float32 [B, N].
+  m.def("tome_match(Tensor metric, Tensor sizes, Tensor roles, int r) -> (Tensor, Tensor, Tensor)");
+  // Size-weighted merge by slot: x [B, N, D] (fp32/fp16/bf16), sizes float32 [B, N], slot int64 [B, N]
+  // -> out [B, n_out, D] (x's dtype), out_sizes float32 [B, n_out].
+  m.def("tome_merge(Tensor x, Tensor sizes, Tensor slot, int n_out) -> (Tensor, Tensor)");
 }

@@ -1,0 +1,1 @@
+// Placeholder: filled in by the token merging CUDA kernel work.
