@@ -9,7 +9,7 @@ from .reference import (NORM_EPS, ROLE_DESTINATION, ROLE_KEEP, ROLE_SOURCE, SCOR
                         Match, alternate_roles, match_reference, merge_reference, unmerge)
 
 # apply/remove import slimformer.ops (whose tome wrappers import .reference): loaded on first use (PEP 562).
-_LAZY = {"apply": "patching", "remove": "patching", "ToMeState": "patching", "SUPPORTED_MODELS": "patching",
+_LAZY = {"apply": "patching", "remove": "patching", "ToMeState": "patching", "SUPPORTED_MODELS": "patching", "is_applied": "patching",
          "parse_r": "schedule", "token_importance": "importance"}
 
 
@@ -24,5 +24,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["Match", "NORM_EPS", "ROLE_DESTINATION", "ROLE_KEEP", "ROLE_SOURCE", "SCORE_NO_DESTINATION",
-           "SCORE_PADDING", "SUPPORTED_MODELS", "ToMeState", "alternate_roles", "apply", "match_reference",
+           "SCORE_PADDING", "SUPPORTED_MODELS", "ToMeState", "alternate_roles", "apply", "is_applied", "match_reference",
            "merge_reference", "parse_r", "remove", "token_importance", "unmerge"]
