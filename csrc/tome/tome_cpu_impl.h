@@ -1,0 +1,371 @@
+// The token merging CPU kernels, written once over a vector policy V (included inside each kernel
+// translation unit's target region, after its policy; see tome_cpu.h). V provides:
+//   F (float vector of W lanes) and I (int32 vector of W lanes); zero, set1, load, store (unaligned),
+//   fma, hsum (sum of the lanes); iota(base) (lanes base, base + 1, ...); store_i;
+//   argmax_update(v, cols, best, idx): lanes where v > best (strictly; NaN never) take v and cols;
+//   load_f16 / load_bf16 / store_f16 / store_bf16 (W elements; stores round to nearest even);
+//   MR x NV: register blocking of the match (sources x destination vectors);
+//   MV: vectors of one merge block.
+// The algorithm and its invariants (tome_cpu.h): every cosine is one FMA chain over the channels in
+// order in one lane, whatever the tile shape, so equal vectors give bit-equal cosines and ties are
+// decided by index exactly as tome_math.h says.
+#pragma once
+
+namespace slimformer::tome {
+namespace {  // internal linkage: one copy per ISA
+
+template <int N>
+struct Int {
+  static constexpr int value = N;
+};
+
+// fn(Int<n>) for a run-time n in [1, N].
+template <int N, class Fn>
+inline void with_count(int n, Fn&& fn) {
+  if constexpr (N >= 1) {
+    if (n == N) {
+      fn(Int<N>{});
+      return;
+    }
+    with_count<N - 1>(n, fn);
+  }
+}
+
+// ---- scalar element conversions (portable path and the tails of the SIMD paths) -------------------
+
+// IEEE binary16 bits -> float, exact (subnormals, inf and NaN included).
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = (uint32_t(h) & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu, bits;
+  if (exp == 0x1Fu) {
+    bits = sign | 0x7F800000u | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112u) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal: normalise
+    int e = -1;
+    do {
+      man <<= 1;
+      ++e;
+    } while (!(man & 0x400u));
+    bits = sign | (uint32_t(112 - e) << 23) | ((man & 0x3FFu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline float bf16_to_float(uint16_t b) {
+  const uint32_t bits = uint32_t(b) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// float -> binary16 bits, round to nearest even (overflow to inf, subnormals, NaN kept quiet).
+inline uint16_t float_to_half(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  x &= 0x7FFFFFFFu;
+  if (x >= 0x7F800000u) return sign | 0x7C00u | (x > 0x7F800000u ? 0x200u | ((x >> 13) & 0x3FFu) : 0u);
+  if (x >= 0x477FF000u) return sign | 0x7C00u;  // >= 65520: rounds to inf
+  if (x < 0x38800000u) {                        // below 2^-14: a subnormal (or 0) of binary16
+    float a;
+    std::memcpy(&a, &x, 4);
+    return sign | static_cast<uint16_t>(std::nearbyint(a * 16777216.0f));  // exact scale; RNE
+  }
+  x += 0xC8000FFFu + ((x >> 13) & 1u);  // rebias the exponent (-112 << 23) and round to nearest even
+  return sign | static_cast<uint16_t>(x >> 13);
+}
+
+inline uint16_t float_to_bf16(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  if ((x & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);
+  return static_cast<uint16_t>((x + 0x7FFFu + ((x >> 16) & 1u)) >> 16);
+}
+
+template <TomeDtype T>
+inline float load1(const void* base, int64_t i) {
+  if constexpr (T == TomeDtype::kFloat32) return static_cast<const float*>(base)[i];
+  if constexpr (T == TomeDtype::kFloat16) return half_to_float(static_cast<const uint16_t*>(base)[i]);
+  if constexpr (T == TomeDtype::kBFloat16) return bf16_to_float(static_cast<const uint16_t*>(base)[i]);
+  return 0.0f;
+}
+
+template <TomeDtype T>
+inline void store1(void* base, int64_t i, float v) {
+  if constexpr (T == TomeDtype::kFloat32) static_cast<float*>(base)[i] = v;
+  if constexpr (T == TomeDtype::kFloat16) static_cast<uint16_t*>(base)[i] = float_to_half(v);
+  if constexpr (T == TomeDtype::kBFloat16) static_cast<uint16_t*>(base)[i] = float_to_bf16(v);
+}
+
+// W elements at base + i as a float vector.
+template <class V, TomeDtype T>
+inline typename V::F loadv(const void* base, int64_t i) {
+  if constexpr (T == TomeDtype::kFloat32) {
+    return V::load(static_cast<const float*>(base) + i);
+  } else if constexpr (T == TomeDtype::kFloat16) {
+    return V::load_f16(static_cast<const uint16_t*>(base) + i);
+  } else {
+    return V::load_bf16(static_cast<const uint16_t*>(base) + i);
+  }
+}
+
+template <class V, TomeDtype T>
+inline void storev(void* base, int64_t i, typename V::F v) {
+  if constexpr (T == TomeDtype::kFloat32) {
+    V::store(static_cast<float*>(base) + i, v);
+  } else if constexpr (T == TomeDtype::kFloat16) {
+    V::store_f16(static_cast<uint16_t*>(base) + i, v);
+  } else {
+    V::store_bf16(static_cast<uint16_t*>(base) + i, v);
+  }
+}
+
+// ---- match ----------------------------------------------------------------------------------------
+
+// out[0:C] = metric row (element offset `off`) as float, L2-normalised (tome::inverse_norm). A sum
+// of squares that overflows float (|values| beyond ~1e19, possible for fp32 / bf16 input) is
+// recomputed on the row scaled by its largest magnitude, so such rows normalise as in fp64.
+template <class V, TomeDtype T>
+inline void load_normalised(const void* metric, int64_t off, int64_t C, float* out) {
+  using F = typename V::F;
+  constexpr int W = V::W;
+  F acc = V::zero();
+  int64_t c = 0;
+  for (; c + W <= C; c += W) {
+    const F v = loadv<V, T>(metric, off + c);
+    V::store(out + c, v);
+    acc = V::fma(v, v, acc);
+  }
+  float s = V::hsum(acc);
+  for (; c < C; ++c) {
+    out[c] = load1<T>(metric, off + c);
+    s += out[c] * out[c];
+  }
+  float inv = inverse_norm(s);
+  if (std::isinf(s)) {
+    float mx = 0.0f;
+    for (c = 0; c < C; ++c) mx = std::max(mx, std::fabs(out[c]));
+    if (std::isfinite(mx)) {  // overflow only (an inf element keeps inv = 0: NaN cosines, as in fp64)
+      float s2 = 0.0f;
+      for (c = 0; c < C; ++c) s2 += (out[c] / mx) * (out[c] / mx);
+      inv = inverse_norm(s2) / mx;
+    }
+  }
+  const F iv = V::set1(inv);
+  for (c = 0; c + W <= C; c += W) V::store(out + c, V::mul(V::load(out + c), iv));
+  for (; c < C; ++c) out[c] *= inv;
+}
+
+// Cosines of V::MR sources qt [C][MR] (transposed) with NVb vectors of destination columns d
+// (column stride ldd), stored to cos [MR][ldc]. The running argmax is a separate pass over cos, so
+// the accumulators get the registers.
+template <class V, int NVb>
+inline void score_block(int64_t C, const float* qt, const float* d, int64_t ldd, float* cos, int64_t ldc) {
+  using F = typename V::F;
+  constexpr int MR = V::MR, W = V::W;
+  F acc[MR][NVb];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NVb; ++v) acc[m][v] = V::zero();
+  for (int64_t c = 0; c < C; ++c) {
+    F dv[NVb];
+    for (int v = 0; v < NVb; ++v) dv[v] = V::load(d + c * ldd + v * W);
+    for (int m = 0; m < MR; ++m) {
+      const F qv = V::set1(qt[c * MR + m]);
+      for (int v = 0; v < NVb; ++v) acc[m][v] = V::fma(qv, dv[v], acc[m][v]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NVb; ++v) V::store(cos + m * ldc + v * W, acc[m][v]);
+}
+
+// Best column of cos[0:n] (n a multiple of W): (value, column); value -inf when every entry is NaN.
+template <class V>
+inline std::pair<float, int64_t> row_argmax(const float* cos, int64_t n) {
+  constexpr int W = V::W;
+  typename V::F best = V::set1(-INFINITY);
+  typename V::I idx = V::iota(0);
+  for (int64_t j = 0; j < n; j += W) V::argmax_update(V::load(cos + j), V::iota(static_cast<int32_t>(j)), best, idx);
+  alignas(64) float lane_best[W];
+  alignas(64) int32_t lane_idx[W];
+  V::store(lane_best, best);
+  V::store_i(lane_idx, idx);
+  float bv = -INFINITY;
+  int64_t bj = -1;
+  for (int l = 0; l < W; ++l)
+    if (lane_best[l] != -INFINITY && (bj < 0 || better_match(lane_best[l], lane_idx[l], bv, bj)))
+      bv = lane_best[l], bj = lane_idx[l];
+  return {bv, bj};
+}
+
+template <class V, TomeDtype T>
+void match_items_typed(const TomeMatchParams& p, int64_t i0, int64_t i1) {
+  constexpr int W = V::W, MR = V::MR, NV = V::NV;
+  const int64_t N = p.tokens, C = p.channels;
+  std::vector<int32_t> src, dsts;
+  std::vector<float> dt, cos, row(C), qt(C * MR);
+  for (int64_t item = i0; item < i1; ++item) {
+    const int64_t b = item / p.chunks, k = item % p.chunks;
+    const int8_t* roles = p.roles + b * N;
+    const float* sizes = p.sizes + b * N;
+    int64_t* dst_out = p.dst + b * N;
+    float* score_out = p.score + b * N;
+    src.clear();
+    dsts.clear();
+    int64_t first_dst = -1;
+    for (int64_t i = 0; i < N; ++i) {
+      if (roles[i] == kSource) {
+        src.push_back(static_cast<int32_t>(i));
+      } else if (roles[i] == kDestination) {
+        if (first_dst < 0) first_dst = i;
+        if (sizes[i] > 0.0f) dsts.push_back(static_cast<int32_t>(i));
+      }
+    }
+    if (first_dst < 0) first_dst = 0;  // no destination at all (only allowed with r = 0)
+    const int64_t na = static_cast<int64_t>(src.size());
+    const int64_t a0 = na * k / p.chunks, a1 = na * (k + 1) / p.chunks;
+    if (a0 >= a1) continue;
+    const int64_t nb = static_cast<int64_t>(dsts.size());
+    if (nb == 0) {
+      for (int64_t a = a0; a < a1; ++a) {
+        const int64_t i = src[a];
+        dst_out[i] = first_dst;
+        score_out[i] = source_score(sizes[i], false, 0.0f);
+      }
+      continue;
+    }
+    // Dt [C][nbp], normalised destination j in column j; NaN columns past nb never win.
+    const int64_t nbp = (nb + W - 1) / W * W;
+    dt.resize(C * nbp);
+    cos.resize(MR * nbp);
+    const void* metric = p.metric;
+    for (int64_t j = 0; j < nb; ++j) {
+      load_normalised<V, T>(metric, (b * N + dsts[j]) * C, C, row.data());
+      for (int64_t c = 0; c < C; ++c) dt[c * nbp + j] = row[c];
+    }
+    for (int64_t j = nb; j < nbp; ++j)
+      for (int64_t c = 0; c < C; ++c) dt[c * nbp + j] = std::numeric_limits<float>::quiet_NaN();
+
+    for (int64_t a = a0; a < a1; a += MR) {
+      const int mr = static_cast<int>(std::min<int64_t>(MR, a1 - a));
+      for (int m = 0; m < MR; ++m) {
+        if (m < mr) {
+          load_normalised<V, T>(metric, (b * N + src[a + m]) * C, C, row.data());
+          for (int64_t c = 0; c < C; ++c) qt[c * MR + m] = row[c];
+        } else {
+          for (int64_t c = 0; c < C; ++c) qt[c * MR + m] = 0.0f;
+        }
+      }
+      int64_t jb = 0;
+      for (; jb + NV * W <= nbp; jb += NV * W)
+        score_block<V, NV>(C, qt.data(), dt.data() + jb, nbp, cos.data() + jb, nbp);
+      if (jb < nbp) {
+        with_count<NV - 1>(static_cast<int>((nbp - jb) / W), [&](auto nv) {
+          score_block<V, decltype(nv)::value>(C, qt.data(), dt.data() + jb, nbp, cos.data() + jb, nbp);
+        });
+      }
+      for (int m = 0; m < mr; ++m) {
+        const auto [bv, bj] = row_argmax<V>(cos.data() + m * nbp, nbp);
+        const bool found = bj >= 0;
+        const int64_t i = src[a + m];
+        dst_out[i] = found ? dsts[bj] : first_dst;
+        score_out[i] = source_score(sizes[i], found, bv);
+      }
+    }
+  }
+}
+
+template <class V>
+void match_items(const TomeMatchParams& p, int64_t i0, int64_t i1) {
+  switch (p.dtype) {
+    case TomeDtype::kFloat16: return match_items_typed<V, TomeDtype::kFloat16>(p, i0, i1);
+    case TomeDtype::kBFloat16: return match_items_typed<V, TomeDtype::kBFloat16>(p, i0, i1);
+    default: return match_items_typed<V, TomeDtype::kFloat32>(p, i0, i1);
+  }
+}
+
+// ---- merge ----------------------------------------------------------------------------------------
+
+// out[d : d + NVb*W] = sum_k w[k] x[rows[k] * D + d : ...], rows as element offsets of x.
+template <class V, TomeDtype T, int NVb>
+inline void merge_block(const void* x, const int64_t* rows, const float* w, int64_t cnt, int64_t d, void* out,
+                        int64_t out_off) {
+  using F = typename V::F;
+  constexpr int W = V::W;
+  F acc[NVb];
+  for (int v = 0; v < NVb; ++v) acc[v] = V::zero();
+  for (int64_t k = 0; k < cnt; ++k) {
+    const F wv = V::set1(w[k]);
+    const int64_t off = rows[k] + d;
+    for (int v = 0; v < NVb; ++v) acc[v] = V::fma(wv, loadv<V, T>(x, off + v * W), acc[v]);
+  }
+  for (int v = 0; v < NVb; ++v) storev<V, T>(out, out_off + d + v * W, acc[v]);
+}
+
+template <class V, TomeDtype T>
+void merge_items_typed(const TomeMergeParams& p, int64_t i0, int64_t i1) {
+  constexpr int W = V::W, MV = V::MV;
+  const int64_t N = p.tokens, D = p.dim, n_out = p.n_out, chunks = merge_chunks(p);
+  std::vector<double> S;
+  std::vector<int32_t> count;
+  std::vector<int64_t> start, rows;
+  std::vector<float> slot_size, w;
+  for (int64_t item = i0; item < i1; ++item) {
+    const int64_t b = item / chunks, k = item % chunks;
+    const int64_t* slot = p.slot + b * N;
+    const float* sizes = p.sizes + b * N;
+    S.assign(n_out, 0.0);
+    count.assign(n_out, 0);
+    for (int64_t i = 0; i < N; ++i) S[slot[i]] += sizes[i], ++count[slot[i]];
+    slot_size.resize(n_out);
+    for (int64_t o = 0; o < n_out; ++o) slot_size[o] = static_cast<float>(S[o]);
+    if (k == 0) std::copy(slot_size.begin(), slot_size.end(), p.out_sizes + b * n_out);
+    if (D == 0) continue;
+    // Inputs of every slot in ascending order (counting sort), with their weights.
+    start.assign(n_out + 1, 0);
+    for (int64_t o = 0; o < n_out; ++o) start[o + 1] = start[o] + count[o];
+    rows.resize(N);
+    w.resize(N);
+    for (int64_t i = 0; i < N; ++i) {
+      const int64_t o = slot[i], pos = start[o]++;
+      rows[pos] = (b * N + i) * D;
+      w[pos] = merge_weight(sizes[i], slot_size[o], count[o]);
+    }
+    // start[o] is now the end of slot o's inputs.
+    const int64_t d0 = k * p.d_chunk, d1 = std::min(D, d0 + p.d_chunk);
+    for (int64_t o = 0; o < n_out; ++o) {
+      const int64_t e = start[o], s = e - count[o];
+      const int64_t out_off = (b * n_out + o) * D;
+      int64_t d = d0;
+      for (; d + MV * W <= d1; d += MV * W) merge_block<V, T, MV>(p.x, rows.data() + s, w.data() + s, e - s, d, p.out, out_off);
+      if (d + W <= d1) {
+        const int nv = static_cast<int>((d1 - d) / W);
+        with_count<MV - 1>(nv, [&](auto n) {
+          merge_block<V, T, decltype(n)::value>(p.x, rows.data() + s, w.data() + s, e - s, d, p.out, out_off);
+        });
+        d += nv * W;
+      }
+      for (; d < d1; ++d) {
+        float acc = 0.0f;
+        for (int64_t q = s; q < e; ++q) acc += w[q] * load1<T>(p.x, rows[q] + d);
+        store1<T>(p.out, out_off + d, acc);
+      }
+    }
+  }
+}
+
+template <class V>
+void merge_items(const TomeMergeParams& p, int64_t i0, int64_t i1) {
+  switch (p.dtype) {
+    case TomeDtype::kFloat16: return merge_items_typed<V, TomeDtype::kFloat16>(p, i0, i1);
+    case TomeDtype::kBFloat16: return merge_items_typed<V, TomeDtype::kBFloat16>(p, i0, i1);
+    default: return merge_items_typed<V, TomeDtype::kFloat32>(p, i0, i1);
+  }
+}
+
+}  // namespace
+}  // namespace slimformer::tome
