@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU check (GUIDE.md section 6), one call on the GPU machine, about 8 minutes at most:
 #   build for the local arch only -> build info -> CUDA tests -> sparse attention kernels -> compute-sanitizer memcheck ->
+#   token merging tests + memcheck ->
 #   GPU benchmarks (GPTQ, binary, sparse attention) -> CPU tests -> racecheck / initcheck of the shared-memory kernel (if time is left)
 # and a report (report.md, report.json, logs/) under $OUT (default ./gpu_report). Every step has a
 # time limit within a total budget; a failing step is recorded, never fatal. Without a GPU the GPU
@@ -102,7 +103,9 @@ fi
 run_step info 60 "$PY" -m slimformer.info
 
 if [[ -n "$CC" ]]; then
-  run_step cuda_tests 180 "$PY" -m pytest -m cuda -q -p no:cacheprovider "${XDIST[@]}" tests --junitxml="$OUT/logs/cuda_tests.xml"
+  # tests/test_tome_cuda.py runs in its own `tome` step below.
+  run_step cuda_tests 180 "$PY" -m pytest -m cuda -q -p no:cacheprovider "${XDIST[@]}" tests \
+    --ignore=tests/test_tome_cuda.py --junitxml="$OUT/logs/cuda_tests.xml"
 else
   skip_step cuda_tests "no GPU"
 fi
@@ -124,6 +127,24 @@ elif [[ -z "$SANITIZER" ]]; then
 else
   run_step memcheck 150 "${MEMCHECK_ENV[@]}" "$SANITIZER" --tool memcheck --error-exitcode 86 --print-limit 20 \
     "$PY" scripts/gpu_memcheck.py
+fi
+
+# Token merging: the CUDA kernels against the bit-exact host replays, the fp64 reference and the CPU ops
+# (tests/test_tome_cuda.py; its replay half, tests/test_tome_cuda_math.py, runs in cpu_tests), then every
+# tome kernel once under compute-sanitizer memcheck (racecheck / initcheck below run them too).
+if [[ -n "$CC" ]]; then
+  run_step tome 120 "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" tests/test_tome_cuda.py \
+    --junitxml="$OUT/logs/tome_tests.xml"
+else
+  skip_step tome "no GPU"
+fi
+if [[ -z "$CC" ]]; then
+  skip_step tome_memcheck "no GPU"
+elif [[ -z "$SANITIZER" ]]; then
+  skip_step tome_memcheck "compute-sanitizer not found"
+else
+  run_step tome_memcheck 90 "${MEMCHECK_ENV[@]}" "$SANITIZER" --tool memcheck --error-exitcode 86 --print-limit 20 \
+    "$PY" scripts/gpu_memcheck.py --only tome
 fi
 
 if [[ -z "$CC" ]]; then
@@ -151,7 +172,7 @@ fi
 
 run_step cpu_tests 120 "$PY" -m pytest -m "not cuda" -q -p no:cacheprovider "${XDIST[@]}" tests
 
-for tool in racecheck initcheck; do  # the gemv kernel's shared memory and its fp32 workspace
+for tool in racecheck initcheck; do  # the shared-memory kernels (gemv, sparse, tome) and their workspaces
   if [[ -z "$CC" ]]; then
     skip_step "$tool" "no GPU"
   elif [[ -z "$SANITIZER" ]]; then

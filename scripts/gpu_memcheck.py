@@ -15,7 +15,13 @@ Sparse attention: the tensor-core forward (fp16, bf16), the SIMT forward (fp32) 
 kernels (delta, dQ, dK/dV) once each on small ragged shapes (97 keys, block 16, GQA, padding, decode),
 compared with the CPU op. They stage K / V / Q through shared memory, so they run under ``--only gemv`` too.
 
-``--only sparse`` runs the sparse attention cases alone. ``--only gemv`` limits the run to the shared-memory kernels (for racecheck / synccheck, which are slow).
+Token merging: tome_match (prepare, best match, rank and slot kernels) on ViT-like rows with CLS, padded
+rows, rows long enough for several prepare / rank chunks and source / destination tiles, r = 0; tome_merge
+(index and gather kernels) on the 16-byte and the scalar (misaligned x, odd D) gather paths; every dtype.
+Scores are compared with the fp64 reference, the merge with merge_reference on the kernel's own slots.
+The match kernels stage tiles in shared memory, so they run under ``--only gemv`` too.
+
+``--only sparse`` runs the sparse attention cases alone; ``--only tome`` the token merging cases alone. ``--only gemv`` limits the run to the shared-memory kernels (for racecheck / synccheck, which are slow).
 """
 from __future__ import annotations
 
@@ -127,9 +133,44 @@ def sparse_cases() -> None:
     sparse_case("decode", SlidingWindow(64, causal=True), 1, 130, torch.float16, D=32, backward=False)
 
 
+def tome_case(name, B, N, C, D, r, dtype, padding=False, misaligned=False):
+    """tome_match then tome_merge on CUDA, against the fp64 references."""
+    from slimformer.tome.reference import ROLE_SOURCE, alternate_roles, match_reference, merge_reference
+
+    metric = torch.randn(B, N, C).to(dtype)
+    roles = alternate_roles(B, N, torch.arange(N) == 0)
+    sizes = torch.randint(1, 4, (B, N)).float()
+    if padding:
+        sizes[0, N - N // 3:] = 0.0
+    slot, dst, score = ops.tome_match(metric.cuda(), sizes.cuda(), roles.cuda(), r)
+    x = torch.randn(B, N, D).to(dtype)
+    if misaligned:  # contiguous, one element past a 16-byte boundary: the scalar gather
+        xc = torch.empty(x.numel() + 1, dtype=dtype, device="cuda")[1:].view(B, N, D)
+        xc.copy_(x.cuda())
+    else:
+        xc = x.cuda()
+    out, out_sizes = ops.tome_merge(xc, sizes.cuda(), slot, N - r)
+    torch.cuda.synchronize()
+    ref = match_reference(metric, sizes, roles, r)
+    src = roles == ROLE_SOURCE
+    tag = f"B={B} N={N} C={C} r={r} {str(dtype)[6:]}"
+    check(f"tome match {name} {tag}", score.cpu()[src], ref.score[src], 1e-5)
+    assert bool((dst.cpu()[~src] == -1).all()) and int(slot.max()) == N - r - 1, "tome match: bad dst / slot"
+    want, want_sizes = merge_reference(x, sizes, slot.cpu(), N - r)
+    check(f"tome merge {name} D={D}", out, want, 1e-6 if dtype == torch.float32 else 8e-3)
+    check(f"tome merge sizes {name}", out_sizes, want_sizes, 1e-6)
+
+
+def tome_cases() -> None:
+    tome_case("vit", 3, 197, 64, 96, 13, torch.float16)
+    tome_case("padded misaligned", 2, 130, 7, 33, 20, torch.bfloat16, padding=True, misaligned=True)
+    tome_case("long row", 1, 2100, 40, 64, 700, torch.float32)  # 3 rank chunks, 5 prepare chunks, 17 tiles
+    tome_case("r=0", 2, 17, 5, 8, 0, torch.float32, misaligned=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", choices=("all", "gemv", "sparse"), default="all")
+    ap.add_argument("--only", choices=("all", "gemv", "sparse", "tome"), default="all")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no GPU: nothing to check")
@@ -139,6 +180,10 @@ def main() -> int:
     print(f"device: {torch.cuda.get_device_name()} ({sms} SMs)")
     if args.only == "sparse":  # gpu_check.sh's sparse_attention step (no sanitizer)
         sparse_cases()
+        print("all paths ran")
+        return 0
+    if args.only == "tome":  # gpu_check.sh's tome_memcheck step
+        tome_cases()
         print("all paths ran")
         return 0
     # K=64 at 4 bits leaves too few units per warp to split: one split, direct stores with bias.
@@ -153,6 +198,7 @@ def main() -> int:
     binary_cases()
     sparse_cases()
     if args.only == "gemv":
+        tome_cases()  # racecheck / initcheck of the tome kernels (the full memcheck run has its own tome step)
         return 0
     gemm_case("dequant+cublas", 576, 131, 4, 128, 33, perm=True, bias=True)
     gemm_case("dequant+cublas", 256, 64, 3, 64, 40, torch.float32)

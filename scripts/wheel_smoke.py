@@ -13,7 +13,7 @@ minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
 assert torch_pin == [f"torch=={minor}.*"], f"wheel must pin torch {minor}.*, has {torch_pin}"
 assert _C.has_cuda_kernels, "wheel was built without CUDA kernels"
 for op in ("gptq_gemm", "gptq_dequantize", "binary_gemm", "binary_gemm_a1", "sparse_attention_fwd",
-           "sparse_attention_bwd"):
+           "sparse_attention_bwd", "tome_match", "tome_merge"):
     for key in ("CPU", "CUDA"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"slimformer::{op}", key), f"{op} lacks {key}"
 lin = torch.nn.Linear(576, 1536)

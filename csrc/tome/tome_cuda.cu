@@ -161,6 +161,7 @@ __global__ void __launch_bounds__(kMatchThreads) match_kernel(MatchPtrs p) {
     si[t] = i;
     sinv[t] = i >= 0 ? p.inv_norm[row + i] : 0.0f;
   }
+  __syncthreads();  // si / sinv are read by other threads (also when the row has no real destination)
   Best best[kMicro];
 #pragma unroll
   for (int k = 0; k < kMicro; ++k) best[k] = best_init();
