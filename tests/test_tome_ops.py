@@ -342,15 +342,18 @@ def test_match_isa_parity(isa, dtype):
             torch.testing.assert_close(a.score, b.score, atol=2e-6, rtol=0)
 
 
-@pytest.mark.parametrize("N,C", [(1, 1), (3, 5), (17, 7), (130, 128), (577, 64)])
-def test_match_every_isa(isa, N, C):
+@pytest.mark.parametrize("N,C", [(1, 1), (3, 5), (17, 7), (40, 19), (130, 128), (577, 64)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_match_every_isa(isa, N, C, dtype):
     roles = alternate_roles(2, N, torch.arange(N) < 1)
-    metric = torch.randn(2, N, C)
+    metric = torch.randn(2, N, C).to(dtype)
+    sizes = torch.ones(2, N)
+    sizes[1, N // 2:] = 0
     for name in ISAS:
         if _supported(name):
             isa(name)
             for r in _r_values(roles):
-                _check_match(metric, torch.ones(2, N), roles, r)
+                _check_match(metric, sizes, roles, r)
 
 
 def test_match_threads_chunks():

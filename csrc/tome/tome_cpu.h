@@ -12,10 +12,12 @@
 // tome_match, per batch row b (work item (b, k): the k-th of `chunks` equal runs of the row's
 // sources, so that a small batch of long rows still keeps every thread busy):
 //   the row's real destinations (role 1, size > 0) are normalised once per item into a transposed
-//   buffer Dt [C][Nb] (fp32; columns past Nb are NaN, which never wins an argmax), every source of
-//   the item is normalised and scored against all of them by register-blocked FMAs (MR sources x NV
-//   vectors of destinations), keeping a running max / argmax per lane (tome::better_match); the
-//   similarity matrix is never stored. Writes dst and score of the item's sources.
+//   buffer Dt [C][Nb] (fp32; columns past Nb are NaN, which never wins an argmax), the item's sources
+//   likewise into St [C][Na]; tiles of MR sources are scored against all destinations by
+//   register-blocked FMAs (MR broadcast source values x NV vectors of destinations per channel) into
+//   a [MR][Nb] buffer, then a running max / argmax per lane and a lane reduction pick each source's
+//   destination (tome::better_match's order); the similarity matrix is never stored. Writes dst
+//   and score of the item's sources.
 // tome_select_rows, per row (after every item of the row): non-sources get dst -1 / score -inf, the
 //   r sources that rank first (tome::ranks_before) merge, survivors are numbered in order and a
 //   merged source takes its destination's slot.

@@ -21,11 +21,24 @@ struct Ymm {
   static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
   static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
-  static float hsum(F v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+  // dst[c * ldd + i] = src[i * lds + c], an 8 x 8 block.
+  static void transpose(const float* src, int64_t lds, float* dst, int64_t ldd) {
+    F t[8], u[8];
+    for (int i = 0; i < 4; ++i) {
+      const F a = load(src + 2 * i * lds), b = load(src + (2 * i + 1) * lds);
+      t[2 * i] = _mm256_unpacklo_ps(a, b);
+      t[2 * i + 1] = _mm256_unpackhi_ps(a, b);
+    }
+    for (int g = 0; g < 2; ++g) {  // u[4g + m], 128-bit lane k: column 4k + m of rows 4g .. 4g + 3
+      u[4 * g + 0] = _mm256_shuffle_ps(t[4 * g], t[4 * g + 2], _MM_SHUFFLE(1, 0, 1, 0));
+      u[4 * g + 1] = _mm256_shuffle_ps(t[4 * g], t[4 * g + 2], _MM_SHUFFLE(3, 2, 3, 2));
+      u[4 * g + 2] = _mm256_shuffle_ps(t[4 * g + 1], t[4 * g + 3], _MM_SHUFFLE(1, 0, 1, 0));
+      u[4 * g + 3] = _mm256_shuffle_ps(t[4 * g + 1], t[4 * g + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int m = 0; m < 4; ++m) {
+      store(dst + m * ldd, _mm256_permute2f128_ps(u[m], u[4 + m], 0x20));
+      store(dst + (4 + m) * ldd, _mm256_permute2f128_ps(u[m], u[4 + m], 0x31));
+    }
   }
   static I iota(int32_t base) {
     return _mm256_add_epi32(_mm256_set1_epi32(base), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -35,6 +48,18 @@ struct Ymm {
     const F gt = _mm256_cmp_ps(v, best, _CMP_GT_OQ);
     best = _mm256_blendv_ps(best, v, gt);
     idx = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(idx), _mm256_castsi256_ps(col), gt));
+  }
+  static void reduce_argmax(F best, I idx, float& v, int32_t& j) {
+    F m = _mm256_max_ps(best, _mm256_permute2f128_ps(best, best, 1));
+    m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, _MM_SHUFFLE(1, 0, 3, 2)));
+    m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, _MM_SHUFFLE(2, 3, 0, 1)));  // every lane: the max
+    const __m256i eq = _mm256_castps_si256(_mm256_cmp_ps(best, m, _CMP_EQ_OQ));
+    __m256i k = _mm256_blendv_epi8(_mm256_set1_epi32(INT32_MAX), idx, eq);
+    k = _mm256_min_epi32(k, _mm256_permute2x128_si256(k, k, 1));
+    k = _mm256_min_epi32(k, _mm256_shuffle_epi32(k, _MM_SHUFFLE(1, 0, 3, 2)));
+    k = _mm256_min_epi32(k, _mm256_shuffle_epi32(k, _MM_SHUFFLE(2, 3, 0, 1)));
+    v = _mm256_cvtss_f32(m);
+    j = _mm256_cvtsi256_si32(k);
   }
   static F load_f16(const uint16_t* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));

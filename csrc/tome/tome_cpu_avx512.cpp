@@ -21,7 +21,32 @@ struct Zmm {
   static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
   static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
-  static float hsum(F v) { return _mm512_reduce_add_ps(v); }
+  // dst[c * ldd + i] = src[i * lds + c], a 16 x 16 block (64 shuffles).
+  static void transpose(const float* src, int64_t lds, float* dst, int64_t ldd) {
+    F t[16], u[16], v[16];
+    for (int i = 0; i < 8; ++i) {
+      const F a = load(src + 2 * i * lds), b = load(src + (2 * i + 1) * lds);
+      t[2 * i] = _mm512_unpacklo_ps(a, b);
+      t[2 * i + 1] = _mm512_unpackhi_ps(a, b);
+    }
+    for (int g = 0; g < 4; ++g) {  // u[4g + m], 128-bit lane k: column 4k + m of rows 4g .. 4g + 3
+      u[4 * g + 0] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], _MM_SHUFFLE(1, 0, 1, 0));
+      u[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], _MM_SHUFFLE(3, 2, 3, 2));
+      u[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], _MM_SHUFFLE(1, 0, 1, 0));
+      u[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int h = 0; h < 2; ++h)  // v[8h + m]: columns m, 8 + m; v[8h + 4 + m]: 4 + m, 12 + m (rows 8h ..)
+      for (int m = 0; m < 4; ++m) {
+        v[8 * h + m] = _mm512_shuffle_f32x4(u[8 * h + m], u[8 * h + 4 + m], 0x88);
+        v[8 * h + 4 + m] = _mm512_shuffle_f32x4(u[8 * h + m], u[8 * h + 4 + m], 0xDD);
+      }
+    for (int m = 0; m < 4; ++m) {
+      store(dst + m * ldd, _mm512_shuffle_f32x4(v[m], v[8 + m], 0x88));
+      store(dst + (8 + m) * ldd, _mm512_shuffle_f32x4(v[m], v[8 + m], 0xDD));
+      store(dst + (4 + m) * ldd, _mm512_shuffle_f32x4(v[4 + m], v[12 + m], 0x88));
+      store(dst + (12 + m) * ldd, _mm512_shuffle_f32x4(v[4 + m], v[12 + m], 0xDD));
+    }
+  }
   static I iota(int32_t base) {
     return _mm512_add_epi32(_mm512_set1_epi32(base),
                             _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
@@ -31,6 +56,10 @@ struct Zmm {
     const __mmask16 gt = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);
     best = _mm512_mask_blend_ps(gt, best, v);
     idx = _mm512_mask_blend_epi32(gt, idx, col);
+  }
+  static void reduce_argmax(F best, I idx, float& v, int32_t& j) {
+    v = _mm512_reduce_max_ps(best);
+    j = _mm512_mask_reduce_min_epi32(_mm512_cmp_ps_mask(best, set1(v), _CMP_EQ_OQ), idx);
   }
   static F load_f16(const uint16_t* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));

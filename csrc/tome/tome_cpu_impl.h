@@ -1,8 +1,10 @@
 // The token merging CPU kernels, written once over a vector policy V (included inside each kernel
 // translation unit's target region, after its policy; see tome_cpu.h). V provides:
 //   F (float vector of W lanes) and I (int32 vector of W lanes); zero, set1, load, store (unaligned),
-//   fma, hsum (sum of the lanes); iota(base) (lanes base, base + 1, ...); store_i;
+//   fma, mul; transpose(src, lds, dst, ldd) (a W x W block); iota(base) (lanes base, base + 1, ...); store_i;
 //   argmax_update(v, cols, best, idx): lanes where v > best (strictly; NaN never) take v and cols;
+//   reduce_argmax(best, idx, v, j): the largest lane of best and the lowest idx among its equals
+//   (tome::better_match across lanes; best holds no NaN);
 //   load_f16 / load_bf16 / store_f16 / store_bf16 (W elements; stores round to nearest even);
 //   MR x NV: register blocking of the match (sources x destination vectors);
 //   MV: vectors of one merge block.
@@ -127,45 +129,65 @@ inline void storev(void* base, int64_t i, typename V::F v) {
 
 // ---- match ----------------------------------------------------------------------------------------
 
-// out[0:C] = metric row (element offset `off`) as float, L2-normalised (tome::inverse_norm). A sum
-// of squares that overflows float (|values| beyond ~1e19, possible for fp32 / bf16 input) is
-// recomputed on the row scaled by its largest magnitude, so such rows normalise as in fp64.
+// buf[c * ld + j] = metric row rows[j] (element offsets) for j < n, as float, L2-normalised
+// (tome::inverse_norm); columns n .. round_up(n, W) - 1 are set to `pad`. buf has round_up(C, W)
+// rows (the ones past C are zero). W tokens at a time: their rows are converted into tmp
+// [W][round_up(C, W)] and transposed into buf W x W at a time (V::transpose). Sums of squares run
+// down the columns (one lane per token, channels in order), so equal rows normalise to equal
+// columns. A sum that overflows float (|values| beyond ~1e19, possible for fp32 / bf16 input) is
+// recomputed on the column scaled by its largest magnitude, so such rows normalise as in fp64; a
+// row with an inf keeps inv = 0 and NaN cosines, as in fp64.
 template <class V, TomeDtype T>
-inline void load_normalised(const void* metric, int64_t off, int64_t C, float* out) {
+inline void pack_normalised(const void* metric, const int64_t* rows, int64_t n, int64_t C, float* buf, int64_t ld,
+                            float pad, float* tmp) {
   using F = typename V::F;
   constexpr int W = V::W;
-  F acc = V::zero();
-  int64_t c = 0;
-  for (; c + W <= C; c += W) {
-    const F v = loadv<V, T>(metric, off + c);
-    V::store(out + c, v);
-    acc = V::fma(v, v, acc);
-  }
-  float s = V::hsum(acc);
-  for (; c < C; ++c) {
-    out[c] = load1<T>(metric, off + c);
-    s += out[c] * out[c];
-  }
-  float inv = inverse_norm(s);
-  if (std::isinf(s)) {
-    float mx = 0.0f;
-    for (c = 0; c < C; ++c) mx = std::max(mx, std::fabs(out[c]));
-    if (std::isfinite(mx)) {  // overflow only (an inf element keeps inv = 0: NaN cosines, as in fp64)
-      float s2 = 0.0f;
-      for (c = 0; c < C; ++c) s2 += (out[c] / mx) * (out[c] / mx);
-      inv = inverse_norm(s2) / mx;
+  const int64_t Cp = (C + W - 1) / W * W;
+  alignas(64) float ss[W], inv[W];
+  for (int64_t j0 = 0; j0 < n; j0 += W) {
+    for (int t = 0; t < W; ++t) {
+      float* row = tmp + t * Cp;
+      int64_t c = 0;
+      if (j0 + t < n) {
+        const int64_t off = rows[j0 + t];
+        for (; c + W <= C; c += W) V::store(row + c, loadv<V, T>(metric, off + c));
+        for (; c < C; ++c) row[c] = load1<T>(metric, off + c);
+      }
+      for (; c < Cp; ++c) row[c] = 0.0f;
     }
+    for (int64_t c = 0; c < Cp; c += W) V::transpose(tmp + c, Cp, buf + c * ld + j0, ld);
+    F acc = V::zero();
+    for (int64_t c = 0; c < C; ++c) {
+      const F v = V::load(buf + c * ld + j0);
+      acc = V::fma(v, v, acc);
+    }
+    V::store(ss, acc);
+    for (int l = 0; l < W; ++l) {
+      inv[l] = inverse_norm(ss[l]);
+      if (std::isinf(ss[l])) {
+        const float* col = buf + j0 + l;
+        float mx = 0.0f;
+        for (int64_t c = 0; c < C; ++c) mx = std::max(mx, std::fabs(col[c * ld]));
+        if (std::isfinite(mx)) {
+          float s2 = 0.0f;
+          for (int64_t c = 0; c < C; ++c) s2 += (col[c * ld] / mx) * (col[c * ld] / mx);
+          inv[l] = inverse_norm(s2) / mx;
+        }
+      }
+    }
+    const F iv = V::load(inv);
+    for (int64_t c = 0; c < C; ++c) V::store(buf + c * ld + j0, V::mul(V::load(buf + c * ld + j0), iv));
+    for (int64_t j = n; j < j0 + W; ++j)
+      for (int64_t c = 0; c < C; ++c) buf[c * ld + j] = pad;
   }
-  const F iv = V::set1(inv);
-  for (c = 0; c + W <= C; c += W) V::store(out + c, V::mul(V::load(out + c), iv));
-  for (; c < C; ++c) out[c] *= inv;
 }
 
-// Cosines of V::MR sources qt [C][MR] (transposed) with NVb vectors of destination columns d
-// (column stride ldd), stored to cos [MR][ldc]. The running argmax is a separate pass over cos, so
-// the accumulators get the registers.
+// Cosines of V::MR sources qt [C][ldq] (transposed: source m in column m) with NVb vectors of
+// destination columns d [C][ldd], stored to cos [MR][ldc]. The running argmax is a separate pass
+// over cos, so the accumulators get the registers.
 template <class V, int NVb>
-inline void score_block(int64_t C, const float* qt, const float* d, int64_t ldd, float* cos, int64_t ldc) {
+inline void score_block(int64_t C, const float* qt, int64_t ldq, const float* d, int64_t ldd, float* cos,
+                        int64_t ldc) {
   using F = typename V::F;
   constexpr int MR = V::MR, W = V::W;
   F acc[MR][NVb];
@@ -175,7 +197,7 @@ inline void score_block(int64_t C, const float* qt, const float* d, int64_t ldd,
     F dv[NVb];
     for (int v = 0; v < NVb; ++v) dv[v] = V::load(d + c * ldd + v * W);
     for (int m = 0; m < MR; ++m) {
-      const F qv = V::set1(qt[c * MR + m]);
+      const F qv = V::set1(qt[c * ldq + m]);
       for (int v = 0; v < NVb; ++v) acc[m][v] = V::fma(qv, dv[v], acc[m][v]);
     }
   }
@@ -190,15 +212,10 @@ inline std::pair<float, int64_t> row_argmax(const float* cos, int64_t n) {
   typename V::F best = V::set1(-INFINITY);
   typename V::I idx = V::iota(0);
   for (int64_t j = 0; j < n; j += W) V::argmax_update(V::load(cos + j), V::iota(static_cast<int32_t>(j)), best, idx);
-  alignas(64) float lane_best[W];
-  alignas(64) int32_t lane_idx[W];
-  V::store(lane_best, best);
-  V::store_i(lane_idx, idx);
-  float bv = -INFINITY;
-  int64_t bj = -1;
-  for (int l = 0; l < W; ++l)
-    if (lane_best[l] != -INFINITY && (bj < 0 || better_match(lane_best[l], lane_idx[l], bv, bj)))
-      bv = lane_best[l], bj = lane_idx[l];
+  float bv;
+  int32_t bj;
+  V::reduce_argmax(best, idx, bv, bj);
+  if (bv == -INFINITY) return {bv, -1};
   return {bv, bj};
 }
 
@@ -207,7 +224,9 @@ void match_items_typed(const TomeMatchParams& p, int64_t i0, int64_t i1) {
   constexpr int W = V::W, MR = V::MR, NV = V::NV;
   const int64_t N = p.tokens, C = p.channels;
   std::vector<int32_t> src, dsts;
-  std::vector<float> dt, cos, row(C), qt(C * MR);
+  std::vector<int64_t> rows;
+  const int64_t Cp = (C + W - 1) / W * W;
+  std::vector<float> dt, st, cos, tmp(W * Cp);
   for (int64_t item = i0; item < i1; ++item) {
     const int64_t b = item / p.chunks, k = item % p.chunks;
     const int8_t* roles = p.roles + b * N;
@@ -238,40 +257,36 @@ void match_items_typed(const TomeMatchParams& p, int64_t i0, int64_t i1) {
       }
       continue;
     }
-    // Dt [C][nbp], normalised destination j in column j; NaN columns past nb never win.
+    // Dt [C][nbp]: normalised destination j in column j; NaN columns past nb never win.
     const int64_t nbp = (nb + W - 1) / W * W;
-    dt.resize(C * nbp);
+    dt.resize(Cp * nbp);
+    rows.resize(std::max(nb, a1 - a0));
+    for (int64_t j = 0; j < nb; ++j) rows[j] = (b * N + dsts[j]) * C;
+    pack_normalised<V, T>(p.metric, rows.data(), nb, C, dt.data(), nbp, std::numeric_limits<float>::quiet_NaN(),
+                          tmp.data());
+    // St [C][nsp]: the item's sources, normalised, zero columns up to a whole last tile.
+    const int64_t ns = a1 - a0, nsp = (ns + MR + W - 1) / W * W;
+    st.resize(Cp * nsp);
+    for (int64_t a = 0; a < ns; ++a) rows[a] = (b * N + src[a0 + a]) * C;
+    pack_normalised<V, T>(p.metric, rows.data(), ns, C, st.data(), nsp, 0.0f, tmp.data());
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t a = (ns + W - 1) / W * W; a < nsp; ++a) st[c * nsp + a] = 0.0f;
     cos.resize(MR * nbp);
-    const void* metric = p.metric;
-    for (int64_t j = 0; j < nb; ++j) {
-      load_normalised<V, T>(metric, (b * N + dsts[j]) * C, C, row.data());
-      for (int64_t c = 0; c < C; ++c) dt[c * nbp + j] = row[c];
-    }
-    for (int64_t j = nb; j < nbp; ++j)
-      for (int64_t c = 0; c < C; ++c) dt[c * nbp + j] = std::numeric_limits<float>::quiet_NaN();
-
-    for (int64_t a = a0; a < a1; a += MR) {
-      const int mr = static_cast<int>(std::min<int64_t>(MR, a1 - a));
-      for (int m = 0; m < MR; ++m) {
-        if (m < mr) {
-          load_normalised<V, T>(metric, (b * N + src[a + m]) * C, C, row.data());
-          for (int64_t c = 0; c < C; ++c) qt[c * MR + m] = row[c];
-        } else {
-          for (int64_t c = 0; c < C; ++c) qt[c * MR + m] = 0.0f;
-        }
-      }
+    for (int64_t a = 0; a < ns; a += MR) {
+      const float* qt = st.data() + a;
       int64_t jb = 0;
       for (; jb + NV * W <= nbp; jb += NV * W)
-        score_block<V, NV>(C, qt.data(), dt.data() + jb, nbp, cos.data() + jb, nbp);
+        score_block<V, NV>(C, qt, nsp, dt.data() + jb, nbp, cos.data() + jb, nbp);
       if (jb < nbp) {
         with_count<NV - 1>(static_cast<int>((nbp - jb) / W), [&](auto nv) {
-          score_block<V, decltype(nv)::value>(C, qt.data(), dt.data() + jb, nbp, cos.data() + jb, nbp);
+          score_block<V, decltype(nv)::value>(C, qt, nsp, dt.data() + jb, nbp, cos.data() + jb, nbp);
         });
       }
+      const int mr = static_cast<int>(std::min<int64_t>(MR, ns - a));
       for (int m = 0; m < mr; ++m) {
         const auto [bv, bj] = row_argmax<V>(cos.data() + m * nbp, nbp);
         const bool found = bj >= 0;
-        const int64_t i = src[a + m];
+        const int64_t i = src[a0 + a + m];
         dst_out[i] = found ? dsts[bj] : first_dst;
         score_out[i] = source_score(sizes[i], found, bv);
       }

@@ -17,12 +17,13 @@ struct Scalar1 {
   static void store(float* p, F v) { *p = v; }
   static F fma(F a, F b, F c) { return a * b + c; }
   static F mul(F a, F b) { return a * b; }
-  static float hsum(F v) { return v; }
+  static void transpose(const float* src, int64_t, float* dst, int64_t) { *dst = *src; }
   static I iota(int32_t base) { return base; }
   static void store_i(int32_t* p, I v) { *p = v; }
   static void argmax_update(F v, I col, F& best, I& idx) {
-    if (v > best) best = v, idx = col;
+    if (better_match(v, col, best, idx)) best = v, idx = col;  // cols ascend: equal never replaces
   }
+  static void reduce_argmax(F best, I idx, float& v, int32_t& j) { v = best, j = idx; }
   static F load_f16(const uint16_t* p);
   static F load_bf16(const uint16_t* p);
   static void store_f16(uint16_t* p, F v);
