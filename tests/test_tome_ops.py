@@ -365,7 +365,8 @@ def test_match_threads_chunks():
     one = _check_match(metric, sizes, roles, 300)
     three = tome_match(metric.expand(3, N, C), sizes.expand(3, N), roles.expand(3, N), 300)
     for f in range(3):
-        assert torch.equal(three.slot[0], one.slot[0]) and torch.equal(three.score[f], one.score[0])
+        assert torch.equal(three.slot[f], one.slot[0]) and torch.equal(three.dst[f], one.dst[0])
+        assert torch.equal(three.score[f], one.score[0])
 
 
 # -- merge ---------------------------------------------------------------------------------------------------
