@@ -69,9 +69,7 @@ def match_reference(metric: torch.Tensor, sizes: torch.Tensor, roles: torch.Tens
         if short or not bool(is_dst.any(1).all()):
             raise ValueError(f"every row needs at least r = {r} source tokens and one destination token "
                              f"({short} rows have fewer sources)")
-    m = metric.double()
-    m = m / m.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
-    cos = m @ m.transpose(1, 2)
+    cos = _cosines(metric)
     real = sizes > 0
     allowed = (is_dst & real)[:, None, :] & ~cos.isnan()
     best, arg = cos.masked_fill(~allowed, float("-inf")).max(dim=-1)  # first maximal index on ties
@@ -90,6 +88,20 @@ def match_reference(metric: torch.Tensor, sizes: torch.Tensor, roles: torch.Tens
     survivor_slot = keep.long().cumsum(1) - 1
     slot = torch.where(keep, survivor_slot, survivor_slot.gather(1, dst.clamp_min(0)))
     return Match(slot, dst, score)
+
+
+def _cosines(metric: torch.Tensor) -> torch.Tensor:
+    """float64 [B, N, N] cosines. Equal metric rows give bit-equal cosines (a matmul may round a
+    row's dot products differently depending on its position, which would break ties arbitrarily):
+    cosines are taken between the distinct rows of each batch row, then expanded."""
+    m = metric.double()
+    m = m / m.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+    out = []
+    for row in m:
+        distinct, inverse = torch.unique(row, dim=0, return_inverse=True)
+        cos = distinct @ distinct.T
+        out.append(cos[inverse][:, inverse])
+    return torch.stack(out) if out else m.new_zeros(0, m.shape[1], m.shape[1])
 
 
 def merge_reference(x: torch.Tensor, sizes: torch.Tensor, slot: torch.Tensor, n_out: int):
