@@ -45,7 +45,7 @@ def _add_info(sub) -> None:
 # -- bench ------------------------------------------------------------------------------------
 # command name -> module in slimformer.bench (each has SUMMARY, DESCRIPTION, add_arguments, run_cli)
 _BENCHMARKS = {"gptq": "gptq", "gptq-quality": "gptq_quality", "binary": "binary", "binary-quality": "binary_quality",
-               "sparse": "sparse", "sparse-quality": "sparse_quality"}
+               "sparse": "sparse", "sparse-quality": "sparse_quality", "tome": "tome", "tome-quality": "tome_quality"}
 
 
 def _fill_bench(p: argparse.ArgumentParser) -> None:
