@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..tome.reference import Match, check_match_inputs
+from ..tome.reference import Match, check_match_inputs, merge_weights
 from .gptq import _check_one_device
 
 _ops = torch.ops.slimformer
@@ -68,9 +68,7 @@ def _merge_setup_context(ctx, inputs, output):
 
 def _merge_backward(ctx, grad_out, _grad_sizes):
     sizes, slot, out_sizes = ctx.saved_tensors
-    slot_size = out_sizes.gather(1, slot)
-    count = torch.zeros_like(out_sizes).scatter_add_(1, slot, torch.ones_like(sizes)).gather(1, slot)
-    w = torch.where(slot_size > 0, sizes / slot_size.where(slot_size > 0, torch.ones_like(slot_size)), 1.0 / count)
+    w, _ = merge_weights(sizes, slot, out_sizes.shape[1])
     grad_x = grad_out.gather(1, slot[..., None].expand(*slot.shape, grad_out.shape[-1])) * w[..., None].to(grad_out.dtype)
     return grad_x, None, None, None
 

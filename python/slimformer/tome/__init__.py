@@ -6,10 +6,10 @@
   :mod:`slimformer.tome.reference`.
 """
 from .reference import (NORM_EPS, ROLE_DESTINATION, ROLE_KEEP, ROLE_SOURCE, SCORE_NO_DESTINATION, SCORE_PADDING,
-                        Match, alternate_roles, match_reference, merge_reference, unmerge)
+                        Match, alternate_roles, match_reference, merge_reference, merge_weights, unmerge)
 
 # apply/remove import slimformer.ops (whose tome wrappers import .reference): loaded on first use (PEP 562).
-_LAZY = {"apply": "patching", "remove": "patching", "ToMeState": "patching", "SUPPORTED_MODELS": "patching", "is_applied": "patching",
+_LAZY = {"apply": "patching", "remove": "patching", "ToMeState": "patching", "SUPPORTED_MODELS": "patching", "is_applied": "patching", "MODES": "patching",
          "parse_r": "schedule", "token_importance": "importance"}
 
 
@@ -23,6 +23,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["Match", "NORM_EPS", "ROLE_DESTINATION", "ROLE_KEEP", "ROLE_SOURCE", "SCORE_NO_DESTINATION",
+__all__ = ["MODES", "Match", "NORM_EPS", "ROLE_DESTINATION", "ROLE_KEEP", "ROLE_SOURCE", "SCORE_NO_DESTINATION",
            "SCORE_PADDING", "SUPPORTED_MODELS", "ToMeState", "alternate_roles", "apply", "is_applied", "match_reference",
-           "merge_reference", "parse_r", "remove", "token_importance", "unmerge"]
+           "merge_reference", "merge_weights", "parse_r", "remove", "token_importance", "unmerge"]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .reference import ROLE_DESTINATION, ROLE_KEEP, ROLE_SOURCE
+
 
 def token_importance(attn: torch.Tensor, sizes: torch.Tensor | None = None, iters: int = 30) -> torch.Tensor:
     """Importance s [B, N] float32 of every token from attention probabilities ``attn`` [B, H, N, N]
@@ -20,14 +22,16 @@ def token_importance(attn: torch.Tensor, sizes: torch.Tensor | None = None, iter
     return s
 
 
-def importance_roles(importance: torch.Tensor, protected: torch.Tensor, num_sources: int) -> torch.Tensor:
-    """Roles int8 [B, N] for importance-guided merging: the ``num_sources`` least important
-    unprotected tokens are sources (ties: lower index first), the other unprotected tokens are
-    destinations, protected tokens are kept."""
-    from .reference import ROLE_DESTINATION, ROLE_KEEP, ROLE_SOURCE
-
-    key = importance.masked_fill(protected, float("inf"))
-    order = torch.sort(key, dim=1, stable=True).indices[:, :num_sources]
-    roles = torch.full(importance.shape, ROLE_DESTINATION, dtype=torch.int8, device=importance.device)
-    roles.scatter_(1, order, ROLE_SOURCE)
+def importance_roles(importance: torch.Tensor, protected: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Roles int8 [B, N] for importance-guided merging: in each row, the padding (size 0) and the
+    (real - protected) // 2 least important real unprotected tokens are sources (ties: lower index
+    first), the other unprotected tokens destinations, protected tokens kept. A padded row thus gets
+    the roles it would get alone."""
+    real = sizes > 0
+    key = importance.float().masked_fill(~real, float("-inf")).masked_fill(protected, float("inf"))
+    order = torch.sort(key, dim=1, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    num_real_free = (real & ~protected).sum(1)
+    num_sources = (~real & ~protected).sum(1) + num_real_free // 2
+    roles = torch.where(rank < num_sources[:, None], ROLE_SOURCE, ROLE_DESTINATION).to(torch.int8)
     return roles.masked_fill_(protected, ROLE_KEEP)

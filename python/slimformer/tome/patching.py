@@ -13,10 +13,16 @@ to the attention logits) and size-weighted merging. Padding is a size of 0: such
 -inf-like, padding merges only after every real token that can, and a padded row merges exactly as it
 would alone. With ``unmerge`` the stack's output is expanded back to the input tokens, so heads,
 masks and mean pooling see the usual shape (a mean over input tokens is the size-weighted mean over
-merged tokens).
+merged tokens). Intermediate hidden states (``output_hidden_states=True``) are the merged tokens
+of each layer, so they shrink layer by layer.
+
+The per-forward state lives in ``model.tome``: one forward at a time per patched model (no
+concurrent calls from several threads), and no gradient checkpointing (it would replay layers on
+merged tokens; it raises).
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -26,7 +32,7 @@ from torch import nn
 
 from .. import ops
 from .importance import importance_roles, token_importance
-from .reference import ROLE_KEEP, unmerge
+from .reference import ROLE_SOURCE, alternate_roles, unmerge
 from .schedule import parse_r, token_counts
 
 MODES = ("tome", "zero-tprune")
@@ -114,29 +120,41 @@ class ToMeState:
         per-forward state. Returns whether anything merges (otherwise the original forwards run)."""
         if self.mode not in MODES:
             raise ValueError(f"model.tome.mode must be one of {MODES}, got {self.mode!r}")
+        if any(getattr(layer, "gradient_checkpointing", False) and layer.training for layer in self._layers):
+            raise ValueError("token merging cannot run under gradient checkpointing: the recomputed layers would "
+                             "see merged tokens; call model.gradient_checkpointing_disable()")
         counts = parse_r(self.num_layers, self.r)
-        n = x.shape[1]
+        B, n = x.shape[:2]
         protect = self._family.protect if self.protect is None else tuple(int(p) for p in self.protect)
         bad = [p for p in protect if not 0 <= p < n]
         if bad:
             raise ValueError(f"protected token positions {bad} are outside the {n} input tokens")
         protect = tuple(sorted(set(protect)))
-        counts = _fit_schedule(counts, n, len(protect), exact=not isinstance(self.r, (int, tuple)))
-        tokens = token_counts(n, counts)
-        self._counts, self._protect = counts, protect
-        self.tokens_per_layer = tokens
-        self.source = None
-        self.sizes = None if attention_mask is None else _key_padding_sizes(attention_mask, x.shape[0], n)
+        self._exact = not isinstance(self.r, (numbers.Integral, tuple))
+        counts = _fit_schedule(counts, n, len(protect), self._exact)
+        self._counts, self._protect, self._n0 = counts, protect, n
+        self.tokens_per_layer = token_counts(n, counts)
+        self.source = self.sizes = None
+        self._padded = False
         if not any(counts):
-            self.sizes = None
+            self._use_attention(eager=False)
             return False
+        if attention_mask is not None:
+            self.sizes = _key_padding_sizes(attention_mask, B, n)
+            self._padded = self.sizes is not None
+        # Protected positions count from each row's first real token, so that left padding changes
+        # nothing (a padded row merges as it would alone).
+        where = torch.tensor(protect, dtype=torch.long, device=x.device).expand(B, -1)
+        if self._padded:
+            where = (where + _first_real(self.sizes)[:, None]).clamp_max(n - 1)
+        self._protect_at = where
         self._use_attention(eager=self.mode == "zero-tprune")
         return True
 
     def attention_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         """[B, 1, 1, n] added to the attention logits: log(size) with proportional attention, else 0;
-        size-0 (padding) keys get the dtype's lowest value. None while every size is 1."""
-        if self.sizes is None:
+        size-0 (padding) keys get the dtype's lowest value. None when it would be all zeros."""
+        if self.sizes is None or not (self.prop_attn or self._padded):
             return None
         s = self.sizes
         low = torch.finfo(dtype).min
@@ -151,24 +169,34 @@ class ToMeState:
         sizes = self.sizes if self.sizes is not None else x.new_ones(B, n, dtype=torch.float32)
         with torch.no_grad():
             metric = _key_metric(layer._tome_key, layer._tome_heads, attn_input)
-            protected = torch.zeros(B, n, dtype=torch.bool, device=x.device)
-            if self._protect:
-                where = torch.tensor(self._protect, device=x.device).expand(B, -1)
-                if self.source is not None:
-                    where = self.source.gather(1, where)
-                protected.scatter_(1, where, True)
+            where = self._protect_at if self.source is None else self.source.gather(1, self._protect_at)
+            protected = torch.zeros(B, n, dtype=torch.bool, device=x.device).scatter_(1, where, True)
             if self.mode == "tome":
-                roles = (torch.arange(n, device=x.device) % 2).to(torch.int8).expand(B, n).masked_fill(
-                    protected, ROLE_KEEP)
+                offset = _first_real(sizes) if self._padded else None
+                roles = alternate_roles(B, n, protected, device=x.device, offset=offset)
             else:
                 if attn_probs is None:
                     raise RuntimeError("zero-tprune needs attention probabilities; the attention module returned none")
                 importance = token_importance(attn_probs, sizes, self.importance_iters)
-                roles = importance_roles(importance, protected, (n - len(self._protect)) // 2)
+                roles = importance_roles(importance, protected, sizes)
+            r = self._fit_layer(r, roles, index, n)
             slot = ops.tome_match(metric, sizes, roles, r).slot
         x, self.sizes = ops.tome_merge(x, sizes, slot, n - r)
         self.source = slot if self.source is None else slot.gather(1, self.source)
         return x
+
+    def _fit_layer(self, r: int, roles: torch.Tensor, index: int, n: int) -> int:
+        """r against the sources this layer really has (protected tokens among them, padding):
+        clamped for int / (r, inflect) schedules after the first layer, else ValueError."""
+        available = int((roles == ROLE_SOURCE).sum(1).min())
+        if r > available:
+            if self._exact or index == 0:
+                raise ValueError(f"r = {r} at layer {index} is larger than possible: {n} tokens with protected "
+                                 f"positions {self._protect} give only {available} tokens that can merge")
+            r = available
+            self._counts[index] = r
+            self.tokens_per_layer = token_counts(self._n0, self._counts)
+        return r
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         if self.unmerge and self.source is not None:
@@ -177,9 +205,12 @@ class ToMeState:
 
     # -- attention implementation ----------------------------------------------------------------
     def _use_attention(self, eager: bool) -> None:
-        config = self._model.config
+        config = getattr(self._model, "config", None)
         current = getattr(config, "_attn_implementation", None)
         if eager and current != "eager":
+            if not hasattr(self._model, "set_attn_implementation"):
+                raise ValueError("zero-tprune switches the model to eager attention; apply token merging to the "
+                                 f"transformers model itself, not to a {type(self._model).__name__}")
             self._original_attn = self._original_attn or current
             self._model.set_attn_implementation("eager")
         elif not eager and self._original_attn is not None:
@@ -205,32 +236,40 @@ def _fit_schedule(counts: list[int], n: int, num_protected: int, exact: bool) ->
 
 def _key_padding_sizes(mask: torch.Tensor, batch: int, n: int) -> torch.Tensor | None:
     """float32 [B, n]: 1 for real keys, 0 for padding, from the mask the encoder hands its layers
-    (2D, or a 4D bool / additive padding mask); None when nothing is padded."""
+    (2D, or a 4D bool / additive mask); None when nothing is padded. A 4D mask must be a padding mask
+    (every query sees the same keys, additive values 0 or the dtype's minimum): token merging keeps
+    only a per-key size, so anything else raises instead of being silently approximated."""
     if mask.dim() == 4:
-        keep = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] > torch.finfo(mask.dtype).min / 2
-        keep = keep.all(dim=-2)  # a real key is visible from every query (a padding mask)
+        keep4 = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+        keep = keep4.any(dim=2).all(dim=1)  # [b, n]: visible to some query (of every head)
+        pure = torch.equal(keep4, keep[:, None, None, :].expand_as(keep4))
+        if pure and mask.dtype != torch.bool:
+            pure = bool((mask.masked_fill(~keep4, 0) == 0).all())
+        if not pure:
+            raise ValueError("token merging supports padding masks only (every query sees the same keys, additive "
+                             "values 0 or the minimum); this attention mask differs between queries or carries biases")
     elif mask.dim() == 2:
         keep = mask.bool()
     else:
         raise ValueError(f"token merging needs a padding mask [B, N] or [B, 1, N, N]; got {tuple(mask.shape)}")
-    if tuple(keep.shape) != (batch, n):
+    if keep.shape[-1] != n or keep.shape[0] not in (1, batch):
         raise ValueError(f"attention mask of shape {tuple(mask.shape)} does not fit {batch} x {n} tokens")
+    keep = keep.expand(batch, n)
     return None if bool(keep.all()) else keep.float()
+
+
+def _first_real(sizes: torch.Tensor) -> torch.Tensor:
+    """int64 [B]: index of each row's first token of size > 0 (0 for a row of padding only)."""
+    return (sizes > 0).to(torch.int8).argmax(dim=1)
 
 
 def _key_metric(key: nn.Linear, heads: int, h: torch.Tensor) -> torch.Tensor:
     """Keys averaged over heads, [B, n, head_dim], as one small linear whose weight is the head
-    average of the key projection (cached until the weight changes)."""
-    w = key.weight
-    # An inference tensor has no version counter; in-place updates of one are not tracked.
-    stamp = (w.data_ptr(), None if w.is_inference() else w._version, w.dtype, w.device)
-    cached = getattr(key, "_tome_metric_cache", None)
-    if cached is None or cached[0] != stamp:
-        w_avg = w.detach().view(heads, -1, w.shape[1]).mean(0)
-        b_avg = None if key.bias is None else key.bias.detach().view(heads, -1).mean(0)
-        cached = (stamp, w_avg, b_avg)
-        key._tome_metric_cache = cached
-    return F.linear(h, cached[1], cached[2])
+    average of the key projection (averaged at every call: hidden^2 reads, against B * n * hidden^2
+    multiply-adds for the projection itself)."""
+    w_avg = key.weight.detach().view(heads, -1, key.in_features).mean(0)
+    b_avg = None if key.bias is None else key.bias.detach().view(heads, -1).mean(0)
+    return F.linear(h, w_avg, b_avg)
 
 
 # -- the patched layer forward ---------------------------------------------------------------------
@@ -274,8 +313,12 @@ _CLASSES: dict[type, type] = {}
 
 
 def _tome_class(cls: type) -> type:
+    """ToMe<Layer>, a subclass whose forward merges; registered in this module so that a patched
+    model still pickles."""
     if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"ToMe{cls.__name__}", (cls,), {"forward": _tome_forward})
+        name = f"ToMe{cls.__name__}"
+        _CLASSES[cls] = globals()[name] = type(name, (cls,), {"forward": _tome_forward, "__module__": __name__,
+                                                             "__qualname__": name})
     return _CLASSES[cls]
 
 
@@ -339,6 +382,12 @@ def apply(model: nn.Module, r: int | Sequence[int] | tuple[int, float] = 0, *, p
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if any("BackboneMixin" in (c.__name__ for c in type(m).__mro__) for m in model.modules()):
+        raise ValueError(f"{type(model).__name__} is a backbone: it reads intermediate hidden states as feature maps, "
+                         "which token merging shortens; apply it to the encoder model instead")
+    if mode == "zero-tprune" and not hasattr(model, "set_attn_implementation"):
+        raise ValueError("zero-tprune switches the model to eager attention; apply token merging to the "
+                         f"transformers model itself, not to a {type(model).__name__}")
     fam, stack = _find_stack(model)
     impl = getattr(model.config, "_attn_implementation", None)
     if impl not in (None, "sdpa", "eager"):
@@ -367,9 +416,6 @@ def remove(model: nn.Module) -> nn.Module:
         layer.__class__ = layer._tome_original_class
         for attr in ("_tome_original_class", "_tome_state", "_tome_index", "_tome_key", "_tome_heads"):
             delattr(layer, attr)
-    for mod in model.modules():
-        if hasattr(mod, "_tome_metric_cache"):
-            del mod._tome_metric_cache
     del model.tome
     return model
 

@@ -104,14 +104,19 @@ def _cosines(metric: torch.Tensor) -> torch.Tensor:
     return torch.stack(out) if out else m.new_zeros(0, m.shape[1], m.shape[1])
 
 
+def merge_weights(sizes: torch.Tensor, slot: torch.Tensor, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w [B, N], S [B, n_out]) in sizes' dtype: each input's weight in its slot (s_i / S_o, or
+    1 / count_o when S_o = 0) and each slot's total size."""
+    S = torch.zeros(sizes.shape[0], n_out, dtype=sizes.dtype, device=sizes.device).scatter_add_(1, slot, sizes)
+    count = torch.zeros_like(S).scatter_add_(1, slot, torch.ones_like(sizes))
+    S_i, count_i = S.gather(1, slot), count.gather(1, slot)
+    return torch.where(S_i > 0, sizes / S_i.where(S_i > 0, torch.ones_like(S_i)), 1.0 / count_i), S
+
+
 def merge_reference(x: torch.Tensor, sizes: torch.Tensor, slot: torch.Tensor, n_out: int):
     """(out [B, n_out, D] in x's dtype, out_sizes float32 [B, n_out]), accumulated in float64."""
     B, N, D = x.shape
-    s = sizes.double()
-    S = torch.zeros(B, n_out, dtype=torch.float64, device=x.device).scatter_add_(1, slot, s)
-    count = torch.zeros_like(S).scatter_add_(1, slot, torch.ones_like(s))
-    S_i, count_i = S.gather(1, slot), count.gather(1, slot)
-    w = torch.where(S_i > 0, s / S_i.where(S_i > 0, torch.ones_like(S_i)), 1.0 / count_i)
+    w, S = merge_weights(sizes.double(), slot, n_out)
     out = torch.zeros(B, n_out, D, dtype=torch.float64, device=x.device)
     out.scatter_add_(1, slot[..., None].expand(B, N, D), x.double() * w[..., None])
     return out.to(x.dtype), S.float()
@@ -124,10 +129,15 @@ def unmerge(x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     return x.gather(1, source[..., None].expand(*source.shape, x.shape[-1]))
 
 
-def alternate_roles(batch: int, n: int, protected: torch.Tensor | None = None, device=None) -> torch.Tensor:
-    """ToMe's split: even positions are sources (A), odd positions destinations (B); ``protected``
-    (bool [B, n] or [n]) tokens get ROLE_KEEP."""
-    roles = (torch.arange(n, device=device) % 2).to(torch.int8).expand(batch, n).clone()
+def alternate_roles(batch: int, n: int, protected: torch.Tensor | None = None, device=None,
+                    offset: torch.Tensor | None = None) -> torch.Tensor:
+    """ToMe's split: even positions are sources (A), odd positions destinations (B), counted from
+    ``offset`` (int64 [B], e.g. each row's first real token under left padding; default 0);
+    ``protected`` (bool [B, n] or [n]) tokens get ROLE_KEEP."""
+    pos = torch.arange(n, device=device).expand(batch, n)
+    if offset is not None:
+        pos = pos - offset.to(device)[:, None]
+    roles = (pos % 2).to(torch.int8)
     if protected is not None:
-        roles.masked_fill_(protected.to(device).expand(batch, n), ROLE_KEEP)
+        roles = roles.masked_fill(protected.to(device).expand(batch, n), ROLE_KEEP)
     return roles

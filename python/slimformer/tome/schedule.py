@@ -1,6 +1,7 @@
 """How many tokens each layer merges."""
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 
@@ -13,8 +14,8 @@ def parse_r(num_layers: int, r: int | Sequence[int] | tuple[int, float]) -> list
       layer to r * (1 + inflect) at the last (inflect -0.5: decreasing, 0: constant, 0.5: increasing),
       as in ToMe.
     """
-    if isinstance(r, bool):
-        raise TypeError("r must be an int, a list of ints or an (r, inflect) tuple")
+    if isinstance(r, bool) or not isinstance(r, (numbers.Integral, tuple, list, Sequence)):
+        raise TypeError(f"r must be an int, a list of ints or an (r, inflect) tuple; got {type(r).__name__}")
     if isinstance(r, tuple):
         if len(r) != 2:
             raise ValueError(f"a tuple r must be (r, inflect); got {r!r}")
@@ -25,9 +26,11 @@ def parse_r(num_layers: int, r: int | Sequence[int] | tuple[int, float]) -> list
         last = 2 * mean - first
         step = (last - first) / max(num_layers - 1, 1)
         counts = [int(first + step * i) for i in range(num_layers)]
-    elif isinstance(r, int):
-        counts = [r] * num_layers
+    elif isinstance(r, numbers.Integral):
+        counts = [int(r)] * num_layers
     else:
+        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in r):
+            raise TypeError(f"a per-layer r must hold ints; got {list(r)!r}")
         counts = [int(v) for v in r]
         if len(counts) > num_layers:
             raise ValueError(f"r has {len(counts)} entries but the model has {num_layers} layers")
