@@ -310,6 +310,17 @@ def test_emulate_match_special_rows(B, N, C, case):
             assert ref is not None
 
 
+def test_emulate_match_huge_rows_normalise_like_the_reference():
+    """Rows whose sum of squares overflows fp32 are rescaled by their largest magnitude first."""
+    metric, sizes, roles = make_match_case(2, 130, 64, F32)
+    metric[0] *= 1e30
+    metric[1, ::3] *= 1e25
+    for r in (1, max_r(roles)):
+        slot, dst, score, flags = emulate_match(metric, sizes, roles, r)
+        check_match(metric, sizes, roles, r, slot, dst, score)
+        assert bool((score[roles == ROLE_SOURCE] != 0).all())
+
+
 def test_emulate_match_exact_ties():
     """Duplicated destinations: the lower index wins; duplicated sources: equal scores, lower index merges first."""
     for N, C in ((17, 7), (130, 64), (197, 128)):

@@ -34,6 +34,12 @@ __device__ __forceinline__ float warp_sum(float v) {  // xor butterfly: every la
   return v;
 }
 
+__device__ __forceinline__ float warp_max(float v) {  // exact in any order
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, off));
+  return v;
+}
+
 struct MatchPtrs {
   MatchArgs a;
   float* inv_norm;
@@ -72,7 +78,18 @@ __global__ void __launch_bounds__(kPrepThreads) prepare_kernel(MatchPtrs p) {
       float ss = 0.0f;
       for (int64_t c = lane; c < C; c += kWarpSize) ss = square_step(to_float(metric[i * C + c]), ss);
       ss = warp_sum(ss);
-      if (lane == 0) p.inv_norm[row + i] = inverse_norm(ss);
+      float inv = inverse_norm(ss);
+      if (isinf(ss)) {  // |x| beyond ~1e19: normalise by the largest magnitude first (as the CPU does)
+        float mx = 0.0f;
+        for (int64_t c = lane; c < C; c += kWarpSize) mx = fmaxf(mx, fabsf(to_float(metric[i * C + c])));
+        mx = warp_max(mx);
+        if (isfinite(mx)) {
+          float s2 = 0.0f;
+          for (int64_t c = lane; c < C; c += kWarpSize) s2 = square_step(to_float(metric[i * C + c]) / mx, s2);
+          inv = inverse_norm(warp_sum(s2)) / mx;
+        }
+      }
+      if (lane == 0) p.inv_norm[row + i] = inv;
     }
     if (lane == 0 && role != kSource) {
       a.dst[row + i] = -1;

@@ -93,7 +93,21 @@ inline void replay_prepare(MatchState& s) {
           for (int64_t c = l; c < C; c += kLanes) ss = square_step(metric[i * C + c], ss);
           part[l] = ss;
         }
-        s.inv_norm[row + i] = inverse_norm(warp_sum_host(part));
+        const float ss = warp_sum_host(part);
+        float inv = inverse_norm(ss);
+        if (std::isinf(ss)) {  // the kernel's rescaling of huge rows
+          float mx = 0.0f;
+          for (int64_t c = 0; c < C; ++c) mx = std::fmax(mx, std::fabs(metric[i * C + c]));
+          if (std::isfinite(mx)) {
+            for (int l = 0; l < kLanes; ++l) {
+              float s2 = 0.0f;
+              for (int64_t c = l; c < C; c += kLanes) s2 = square_step(metric[i * C + c] / mx, s2);
+              part[l] = s2;
+            }
+            inv = inverse_norm(warp_sum_host(part)) / mx;
+          }
+        }
+        s.inv_norm[row + i] = inv;
       }
       if (role != kSource) {
         s.dst[row + i] = -1;
