@@ -77,8 +77,8 @@ PYBIND11_MODULE(_C, m) {
   // Test hooks: the same __host__ __device__ functions the CUDA kernels run.
   m.def("_test_unpack_stream", &unpack_stream_np);
   m.def("_test_unpack_unit", &unpack_unit);
-  m.def("_test_half_bits_to_float", [](uint16_t h) { return gptq::half_bits_to_float(h); });
-  m.def("_test_bf16_bits_to_float", [](uint16_t b) { return gptq::bf16_bits_to_float(b); });
+  m.def("_test_half_bits_to_float", [](uint16_t h) { return slimformer::half_bits_to_float(h); });
+  m.def("_test_bf16_bits_to_float", [](uint16_t b) { return slimformer::bf16_bits_to_float(b); });
 
   // ---- CUDA kernel test hooks: _test_cuda_* (index/bit math and a host replay of the kernels;
   // torch- and CUDA-free, so present in CPU-only builds too). See gptq/gptq_cuda_test_hooks.h.

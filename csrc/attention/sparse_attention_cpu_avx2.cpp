@@ -77,7 +77,7 @@ struct Ymm {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)
       store(dst + i, _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))), m));
-    for (; i < n; ++i) dst[i] = cpu_detail::half_bits_to_float(s[i]) * mul;
+    for (; i < n; ++i) dst[i] = half_bits_to_float(s[i]) * mul;
   }
 };
 

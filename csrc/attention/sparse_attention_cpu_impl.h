@@ -61,7 +61,7 @@ inline void load_row(ElemType t, const void* src, int64_t off, int64_t n, float 
     for (int64_t i = 0; i < n; ++i) dst[i] = s[i] * mul;
   } else if (t == ElemType::kBFloat16) {
     const uint16_t* s = static_cast<const uint16_t*>(src) + off;
-    for (int64_t i = 0; i < n; ++i) dst[i] = cpu_detail::bf16_bits_to_float(s[i]) * mul;
+    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_bits_to_float(s[i]) * mul;
   } else {
     V::convert_f16(static_cast<const uint16_t*>(src) + off, n, mul, dst);
   }

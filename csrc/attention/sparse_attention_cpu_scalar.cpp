@@ -44,7 +44,7 @@ struct Scalar1 {
     return (c0 >= lo && c0 <= hi) || (*gq > 0.0f && c0 >= clo) ? v : -INFINITY;
   }
   static void convert_f16(const uint16_t* s, int64_t n, float mul, float* dst) {
-    for (int64_t i = 0; i < n; ++i) dst[i] = cpu_detail::half_bits_to_float(s[i]) * mul;
+    for (int64_t i = 0; i < n; ++i) dst[i] = half_bits_to_float(s[i]) * mul;
   }
 };
 

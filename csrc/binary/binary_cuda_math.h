@@ -22,6 +22,7 @@
 #include <stdint.h>
 
 #include "binary/binary_format.h"
+#include "common/float_bits.h"
 
 #ifndef SF_UNROLL
 #if defined(__CUDACC__)
@@ -85,30 +86,6 @@ SF_HD Range split_range(int64_t total, int64_t parts, int64_t i) {
   const int64_t base = total / parts, extra = total % parts;
   const int64_t begin = i * base + (i < extra ? i : extra);
   return {begin, begin + base + (i < extra ? 1 : 0)};
-}
-
-SF_HD uint32_t float_bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
-  union {
-    float f;
-    uint32_t u;
-  } c{f};
-  return c.u;
-#endif
-}
-
-SF_HD float bits_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  union {
-    uint32_t u;
-    float f;
-  } c{u};
-  return c.f;
-#endif
 }
 
 SF_HD int popcount32(uint32_t v) {

@@ -14,6 +14,7 @@
 #pragma once
 #include <stdint.h>
 
+#include "common/float_bits.h"
 #include "common/hostdev.h"
 
 namespace slimformer {
@@ -56,41 +57,6 @@ SF_HD int64_t qzeros_words(int64_t n, int bits) { return (n * bits + 31) / 32; }
 // The zero point as used in the dequantization formula.
 SF_HD float zero_point(const int32_t* qzeros_row, int64_t n, int bits, int zero_offset) {
   return static_cast<float>(unpack_stream(qzeros_row, 1, bits, n)) + static_cast<float>(zero_offset);
-}
-
-// IEEE half / bfloat16 bits -> float, for scales stored in either 16-bit format.
-SF_HD float half_bits_to_float(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1fu;
-  uint32_t man = h & 0x3ffu;
-  uint32_t out;
-  if (exp == 0x1fu) {
-    out = sign | 0x7f800000u | (man << 13);  // inf / nan
-  } else if (exp != 0) {
-    out = sign | ((exp + 112u) << 23) | (man << 13);  // normal: rebias 15 -> 127
-  } else if (man == 0) {
-    out = sign;  // +-0
-  } else {  // subnormal half: normalise
-    exp = 113u;
-    while ((man & 0x400u) == 0) {
-      man <<= 1;
-      --exp;
-    }
-    out = sign | (exp << 23) | ((man & 0x3ffu) << 13);
-  }
-  union {
-    uint32_t u;
-    float f;
-  } cvt{out};
-  return cvt.f;
-}
-
-SF_HD float bf16_bits_to_float(uint16_t b) {
-  union {
-    uint32_t u;
-    float f;
-  } cvt{static_cast<uint32_t>(b) << 16};
-  return cvt.f;
 }
 
 enum class ScaleType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };

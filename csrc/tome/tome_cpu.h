@@ -6,8 +6,8 @@
 // Also the first include of every kernel translation unit: as in sparse_attention_cpu_prelude.h,
 // the SIMD files compile their kernels inside a `#pragma GCC target` region, so every header with
 // inline or template code that other translation units also compile (the standard library,
-// tome_math.h) is included here, before that region; the kernel templates (tome_cpu_impl.h) live
-// in an anonymous namespace inside each region.
+// common/float_bits.h, tome_math.h) is included here, before that region; the kernel templates
+// (tome_cpu_impl.h) live in an anonymous namespace inside each region.
 //
 // tome_match, per batch row b (work item (b, k): the k-th of `chunks` equal runs of the row's
 // sources, so that a small batch of long rows still keeps every thread busy):
@@ -39,6 +39,7 @@
 #include <immintrin.h>
 #endif
 
+#include "common/float_bits.h"
 #include "tome/tome_math.h"
 
 namespace slimformer::tome {

@@ -33,75 +33,19 @@ inline void with_count(int n, Fn&& fn) {
   }
 }
 
-// ---- scalar element conversions (portable path and the tails of the SIMD paths) -------------------
-
-// IEEE binary16 bits -> float, exact (subnormals, inf and NaN included).
-inline float half_to_float(uint16_t h) {
-  const uint32_t sign = (uint32_t(h) & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu, bits;
-  if (exp == 0x1Fu) {
-    bits = sign | 0x7F800000u | (man << 13);
-  } else if (exp != 0) {
-    bits = sign | ((exp + 112u) << 23) | (man << 13);
-  } else if (man == 0) {
-    bits = sign;
-  } else {  // subnormal: normalise
-    int e = -1;
-    do {
-      man <<= 1;
-      ++e;
-    } while (!(man & 0x400u));
-    bits = sign | (uint32_t(112 - e) << 23) | ((man & 0x3FFu) << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-inline float bf16_to_float(uint16_t b) {
-  const uint32_t bits = uint32_t(b) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-// float -> binary16 bits, round to nearest even (overflow to inf, subnormals, NaN kept quiet).
-inline uint16_t float_to_half(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
-  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
-  x &= 0x7FFFFFFFu;
-  if (x >= 0x7F800000u) return sign | 0x7C00u | (x > 0x7F800000u ? 0x200u | ((x >> 13) & 0x3FFu) : 0u);
-  if (x >= 0x477FF000u) return sign | 0x7C00u;  // >= 65520: rounds to inf
-  if (x < 0x38800000u) {                        // below 2^-14: a subnormal (or 0) of binary16
-    float a;
-    std::memcpy(&a, &x, 4);
-    return sign | static_cast<uint16_t>(std::nearbyint(a * 16777216.0f));  // exact scale; RNE
-  }
-  x += 0xC8000FFFu + ((x >> 13) & 1u);  // rebias the exponent (-112 << 23) and round to nearest even
-  return sign | static_cast<uint16_t>(x >> 13);
-}
-
-inline uint16_t float_to_bf16(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
-  if ((x & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);
-  return static_cast<uint16_t>((x + 0x7FFFu + ((x >> 16) & 1u)) >> 16);
-}
-
 template <TomeDtype T>
 inline float load1(const void* base, int64_t i) {
   if constexpr (T == TomeDtype::kFloat32) return static_cast<const float*>(base)[i];
-  if constexpr (T == TomeDtype::kFloat16) return half_to_float(static_cast<const uint16_t*>(base)[i]);
-  if constexpr (T == TomeDtype::kBFloat16) return bf16_to_float(static_cast<const uint16_t*>(base)[i]);
+  if constexpr (T == TomeDtype::kFloat16) return half_bits_to_float(static_cast<const uint16_t*>(base)[i]);
+  if constexpr (T == TomeDtype::kBFloat16) return bf16_bits_to_float(static_cast<const uint16_t*>(base)[i]);
   return 0.0f;
 }
 
 template <TomeDtype T>
 inline void store1(void* base, int64_t i, float v) {
   if constexpr (T == TomeDtype::kFloat32) static_cast<float*>(base)[i] = v;
-  if constexpr (T == TomeDtype::kFloat16) static_cast<uint16_t*>(base)[i] = float_to_half(v);
-  if constexpr (T == TomeDtype::kBFloat16) static_cast<uint16_t*>(base)[i] = float_to_bf16(v);
+  if constexpr (T == TomeDtype::kFloat16) static_cast<uint16_t*>(base)[i] = float_to_half_bits(v);
+  if constexpr (T == TomeDtype::kBFloat16) static_cast<uint16_t*>(base)[i] = float_to_bf16_bits(v);
 }
 
 // W elements at base + i as a float vector.

@@ -38,10 +38,10 @@ struct Scalar1 {
 namespace slimformer::tome {
 namespace {
 
-float Scalar1::load_f16(const uint16_t* p) { return half_to_float(*p); }
-float Scalar1::load_bf16(const uint16_t* p) { return bf16_to_float(*p); }
-void Scalar1::store_f16(uint16_t* p, float v) { *p = float_to_half(v); }
-void Scalar1::store_bf16(uint16_t* p, float v) { *p = float_to_bf16(v); }
+float Scalar1::load_f16(const uint16_t* p) { return half_bits_to_float(*p); }
+float Scalar1::load_bf16(const uint16_t* p) { return bf16_bits_to_float(*p); }
+void Scalar1::store_f16(uint16_t* p, float v) { *p = float_to_half_bits(v); }
+void Scalar1::store_bf16(uint16_t* p, float v) { *p = float_to_bf16_bits(v); }
 
 }  // namespace
 
