@@ -23,6 +23,7 @@
 //   dK/dV item (b, kv head, key tile), column CSR over the group's query heads:
 //     dV += P^T dO, dK += dS^T Q; dk = scale dK.
 #pragma once
+#include "common/cpu_with_count.h"
 
 namespace slimformer::attention {
 namespace {  // internal linkage: one copy per ISA
@@ -31,23 +32,6 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegBig = -1e30f;  // running-max floor (see above)
 constexpr int kFar = 1 << 30;      // "no bound" for column intervals
-
-template <int N>
-struct Int {
-  static constexpr int value = N;
-};
-
-// fn(Int<n>) for a run-time n in [1, N].
-template <int N, class Fn>
-inline void with_count(int n, Fn&& fn) {
-  if constexpr (N >= 1) {
-    if (n == N) {
-      fn(Int<N>{});
-      return;
-    }
-    with_count<N - 1>(n, fn);
-  }
-}
 
 inline int clamp_col(int64_t c) { return static_cast<int>(std::min<int64_t>(std::max<int64_t>(c, -kFar), kFar)); }
 
@@ -156,7 +140,7 @@ void gemm(int64_t rows, int64_t cols, int64_t T, const float* A, int64_t a_rs, i
       });
     }
   };
-  for (; r + V::GM_MR <= rows; r += V::GM_MR) rows_of(Int<V::GM_MR>{});
+  for (; r + V::GM_MR <= rows; r += V::GM_MR) rows_of(IntTag<V::GM_MR>{});
   if (r < rows) with_count<V::GM_MR - 1>(static_cast<int>(rows - r), rows_of);
 }
 

@@ -9,6 +9,7 @@
 
 #include "binary/binary_cuda.h"
 #include "common/cuda_types.cuh"
+#include "common/int_tag.h"
 
 namespace slimformer {
 namespace binary {
@@ -16,7 +17,6 @@ namespace cuda {
 namespace {
 
 using cuda_types::from_float;
-using cuda_types::IntTag;
 using cuda_types::to_float;
 using cuda_types::TypeTag;
 using cuda_types::with_type;

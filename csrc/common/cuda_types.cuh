@@ -22,11 +22,6 @@ SF_HD __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <>
 SF_HD __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
-template <int V>
-struct IntTag {
-  static constexpr int value = V;
-};
-
 template <class T>
 struct TypeTag {
   using type = T;

@@ -12,26 +12,10 @@
 // order in one lane, whatever the tile shape, so equal vectors give bit-equal cosines and ties are
 // decided by index exactly as tome_math.h says.
 #pragma once
+#include "common/cpu_with_count.h"
 
 namespace slimformer::tome {
 namespace {  // internal linkage: one copy per ISA
-
-template <int N>
-struct Int {
-  static constexpr int value = N;
-};
-
-// fn(Int<n>) for a run-time n in [1, N].
-template <int N, class Fn>
-inline void with_count(int n, Fn&& fn) {
-  if constexpr (N >= 1) {
-    if (n == N) {
-      fn(Int<N>{});
-      return;
-    }
-    with_count<N - 1>(n, fn);
-  }
-}
 
 template <TomeDtype T>
 inline float load1(const void* base, int64_t i) {

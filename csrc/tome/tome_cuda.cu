@@ -21,7 +21,6 @@ namespace cuda {
 namespace {
 
 using cuda_types::from_float;
-using cuda_types::IntTag;
 using cuda_types::to_float;
 using cuda_types::TypeTag;
 using cuda_types::with_type;
