@@ -28,8 +28,6 @@ using cuda_types::to_float;
 using cuda_types::TypeTag;
 using cuda_types::with_type;
 
-constexpr unsigned kFull = 0xffffffffu;
-
 template <class F>
 bool with_head_dim(int64_t d, F&& f) {
   switch (d) {
@@ -149,9 +147,9 @@ __device__ __forceinline__ void stage_float_chunk(float* sm, const T* src, int64
 }
 
 __device__ __forceinline__ float sum8(float v) {  // xor butterfly over the 8 lanes of an owner row
-  v += __shfl_xor_sync(kFull, v, 1);
-  v += __shfl_xor_sync(kFull, v, 2);
-  v += __shfl_xor_sync(kFull, v, 4);
+  v += __shfl_xor_sync(kFullMask, v, 1);
+  v += __shfl_xor_sync(kFullMask, v, 2);
+  v += __shfl_xor_sync(kFullMask, v, 4);
   return v;
 }
 
@@ -244,8 +242,8 @@ __global__ void __launch_bounds__(kMmaMaxWarps* kWarpSize) fwd_mma_kernel(FwdK a
         float mx = -INFINITY;
 #pragma unroll
         for (int nt = 0; nt < kKeyNTiles; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 1));  // the quad shares the row
-        mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 2));
+        mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 1));  // the quad shares the row
+        mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 2));
         const float alpha = row_rescale(st[r], mx);
 #pragma unroll
         for (int dn = 0; dn < kNTiles; ++dn) {
@@ -288,8 +286,8 @@ __global__ void __launch_bounds__(kMmaMaxWarps* kWarpSize) fwd_mma_kernel(FwdK a
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float l = st[r].l;
-    l += __shfl_xor_sync(kFull, l, 1);
-    l += __shfl_xor_sync(kFull, l, 2);
+    l += __shfl_xor_sync(kFullMask, l, 1);
+    l += __shfl_xor_sync(kFullMask, l, 2);
     const float inv = row_inv_sum(l);
     const int64_t pos = wfirst + frag_c_row(lane, 2 * r);
     if (pos >= cr.lo && pos < cr.hi) {
@@ -396,8 +394,7 @@ __global__ void __launch_bounds__(256) delta_kernel(const T* dout, const T* out,
   if (row >= rows) return;  // uniform over the warp
   float s = 0.0f;
   for (int d = lane; d < D; d += kWarpSize) s = fmaf(to_float(dout[row * D + d]), to_float(out[row * D + d]), s);
-#pragma unroll
-  for (int m = 16; m > 0; m >>= 1) s += __shfl_xor_sync(kFull, s, m);
+  s = warp_sum(s);
   if (lane == 0) delta[row] = s;
 }
 

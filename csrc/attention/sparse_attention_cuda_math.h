@@ -29,13 +29,13 @@
 #include <stdint.h>
 
 #include "attention/sparse_attention_params.h"
+#include "common/cuda_warp.h"
 #include "common/hostdev.h"
 
 namespace slimformer {
 namespace attention {
 namespace cuda {
 
-constexpr int kWarpSize = 32;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr int64_t kMaxGridYZ = 65535;

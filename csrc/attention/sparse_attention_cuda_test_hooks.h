@@ -369,16 +369,12 @@ inline void replay_bwd(const Problem& pr, const float* dout, const float* outp, 
   const int64_t rows = p.batch * p.q_heads * p.q_len;
   std::vector<float> delta(rows);
   for (int64_t row = 0; row < rows; ++row) {  // one warp per row: strided lane sums, then xor 16..1
-    float lane[32], nxt[32];
+    float lane[32];
     for (int l = 0; l < 32; ++l) {
       lane[l] = 0.0f;
       for (int d = l; d < D; d += 32) lane[l] = std::fma(dout[row * D + d], outp[row * D + d], lane[l]);
     }
-    for (int m = 16; m > 0; m >>= 1) {
-      for (int l = 0; l < 32; ++l) nxt[l] = lane[l] + lane[l ^ m];
-      std::copy(nxt, nxt + 32, lane);
-    }
-    delta[row] = lane[0];
+    delta[row] = warp_sum_host(lane);
   }
   std::vector<float> ks(kSimtChunk * D), vs(kSimtChunk * D);
   // dQ: owners = 16 queries, stream = key chunks.

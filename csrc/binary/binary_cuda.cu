@@ -75,7 +75,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(GemvParams p) {
   // Lanes r and r + 16 hold the two halves of row r; then the warps, in order, in shared memory.
 #pragma unroll
   for (int m = 0; m < TM; ++m) {
-    const float v = acc[m] + __shfl_xor_sync(0xffffffffu, acc[m], kTileRows);
+    const float v = acc[m] + __shfl_xor_sync(kFullMask, acc[m], kTileRows);
     if (lane_half(lane) == 0) red[warp][m][lane_row(lane)] = v;
   }
   __syncthreads();
@@ -134,7 +134,7 @@ __global__ void __launch_bounds__(kPackThreads) pack_kernel(const T* x, const fl
     const int64_t m = pack_token(g, words), w = pack_word_of(g, words);
     const bool valid = lane < pack_valid(w, K);
     const float v = valid ? to_float(x[m * K + w * kWordBits + lane]) : 0.0f;
-    const uint32_t word = __ballot_sync(0xffffffffu, act_bit(v, shift, valid));
+    const uint32_t word = __ballot_sync(kFullMask, act_bit(v, shift, valid));
     if (lane == 0) abits[g] = word;
   }
 }

@@ -22,6 +22,7 @@
 #include <stdint.h>
 
 #include "binary/binary_format.h"
+#include "common/cuda_warp.h"
 #include "common/float_bits.h"
 
 #ifndef SF_UNROLL
@@ -35,8 +36,6 @@
 namespace slimformer {
 namespace binary {
 namespace cuda {
-
-constexpr int kWarpSize = 32;
 
 // ---- W1A-fp gemv ----
 constexpr int kGemvWarps = 4;
@@ -86,14 +85,6 @@ SF_HD Range split_range(int64_t total, int64_t parts, int64_t i) {
   const int64_t base = total / parts, extra = total % parts;
   const int64_t begin = i * base + (i < extra ? i : extra);
   return {begin, begin + base + (i < extra ? 1 : 0)};
-}
-
-SF_HD int popcount32(uint32_t v) {
-#if defined(__CUDA_ARCH__)
-  return __popc(v);
-#else
-  return __builtin_popcount(v);
-#endif
 }
 
 // The sign-bit mask of weight bit i: 0 when the bit is set (+1), 0x80000000 when clear (-1).

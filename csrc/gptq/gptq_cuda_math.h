@@ -14,6 +14,7 @@
 #pragma once
 #include <stdint.h>
 
+#include "common/cuda_warp.h"
 #include "gptq/gptq_format.h"
 
 // `#pragma unroll` for nvcc only (g++ -Wall warns about unknown pragmas).
@@ -28,7 +29,6 @@ namespace gptq {
 namespace cuda {
 
 constexpr int kVec = 4;                       // columns per thread (one 128-bit qweight load)
-constexpr int kWarpSize = 32;
 constexpr int kBlockCols = kWarpSize * kVec;  // columns per gemv block
 constexpr int kGemvWarps = 4;                 // K slices per gemv block
 constexpr int kGemvThreads = kGemvWarps * kWarpSize;

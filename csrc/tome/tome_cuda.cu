@@ -25,17 +25,9 @@ using cuda_types::to_float;
 using cuda_types::TypeTag;
 using cuda_types::with_type;
 
-constexpr unsigned kFull = 0xffffffffu;
-
-__device__ __forceinline__ float warp_sum(float v) {  // xor butterfly: every lane ends with the same sum
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFull, v, off);
-  return v;
-}
-
 __device__ __forceinline__ float warp_max(float v) {  // exact in any order
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, off));
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, off));
   return v;
 }
 
@@ -121,7 +113,7 @@ __global__ void __launch_bounds__(kPrepThreads) prepare_kernel(MatchPtrs p) {
       }
       if (!role_valid(role)) atomicAdd(&n_bad, 1);
     }
-    const uint32_t bs = __ballot_sync(kFull, src), bd = __ballot_sync(kFull, real);
+    const uint32_t bs = __ballot_sync(kFullMask, src), bd = __ballot_sync(kFullMask, real);
     if (lane == 0) {
       warp_src[warp] = popcount32(bs);
       warp_dst[warp] = popcount32(bd);
@@ -236,8 +228,8 @@ __global__ void __launch_bounds__(kMatchThreads) match_kernel(MatchPtrs p) {
 #pragma unroll
     for (int off = kGroup / 2; off > 0; off >>= 1) {
       Best other;
-      other.v = __shfl_xor_sync(kFull, best[k].v, off);
-      other.j = __shfl_xor_sync(kFull, best[k].j, off);
+      other.v = __shfl_xor_sync(kFullMask, best[k].v, off);
+      other.j = __shfl_xor_sync(kFullMask, best[k].j, off);
       best[k] = best_combine(best[k], other);
     }
 #pragma unroll
@@ -298,7 +290,7 @@ __global__ void __launch_bounds__(kSlotThreads) slot_kernel(MatchPtrs p) {
   for (int64_t base = 0; base < N; base += kSlotThreads) {  // uniform
     const int64_t i = base + t;
     const bool keep = i < N && keeps_token(a, p.selected, row + i);
-    const uint32_t bal = __ballot_sync(kFull, keep);
+    const uint32_t bal = __ballot_sync(kFullMask, keep);
     if (lane == 0) warp_keep[warp] = popcount32(bal);
     __syncthreads();
     int32_t off = carry, total = 0;
@@ -366,7 +358,7 @@ __global__ void __launch_bounds__(kMergeWarps* kWarpSize) merge_index_kernel(Mer
   for (int64_t base = 0; base < N; base += kWarpSize) {
     const int32_t o = slot_of(a, row, base + lane, bad);
     if (base + lane < N && !size_valid(a.sizes[row + base + lane])) ++bad_size;
-    const uint32_t peers = __match_any_sync(kFull, o);
+    const uint32_t peers = __match_any_sync(kFullMask, o);
     if (o >= 0 && lane == peer_leader(peers)) ptr[o + 1] += popcount32(peers);
     __syncwarp();
   }
@@ -377,19 +369,19 @@ __global__ void __launch_bounds__(kMergeWarps* kWarpSize) merge_index_kernel(Mer
     int32_t incl = v;
 #pragma unroll
     for (int off = 1; off < kWarpSize; off <<= 1) {
-      const int32_t up = __shfl_up_sync(kFull, incl, off);
+      const int32_t up = __shfl_up_sync(kFullMask, incl, off);
       if (lane >= off) incl += up;
     }
     if (o < n_out) {
       ptr[o + 1] = carry + incl;
       cursor[o] = carry + incl - v;
     }
-    carry += __shfl_sync(kFull, incl, kWarpSize - 1);
+    carry += __shfl_sync(kFullMask, incl, kWarpSize - 1);
   }
   __syncwarp();
   for (int64_t base = 0; base < N; base += kWarpSize) {
     const int32_t o = slot_of(a, row, base + lane, ignored);
-    const uint32_t peers = __match_any_sync(kFull, o);
+    const uint32_t peers = __match_any_sync(kFullMask, o);
     const int32_t pos = o >= 0 ? cursor[o] + peer_rank(peers, lane) : -1;
     __syncwarp();
     if (o >= 0) {
@@ -400,8 +392,8 @@ __global__ void __launch_bounds__(kMergeWarps* kWarpSize) merge_index_kernel(Mer
   }
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
-    bad += __shfl_xor_sync(kFull, bad, off);
-    bad_size += __shfl_xor_sync(kFull, bad_size, off);
+    bad += __shfl_xor_sync(kFullMask, bad, off);
+    bad_size += __shfl_xor_sync(kFullMask, bad_size, off);
   }
   if (lane == 0 && bad > 0) atomicAdd(&a.flags[0], bad);
   if (lane == 0 && bad_size > 0) atomicAdd(&a.flags[1], bad_size);

@@ -37,14 +37,13 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "common/cuda_warp.h"
 #include "common/hostdev.h"
 #include "tome/tome_math.h"
 
 namespace slimformer {
 namespace tome {
 namespace cuda {
-
-constexpr int kWarpSize = 32;
 
 // ---- tome_match geometry ----
 constexpr int kPrepThreads = 512;
@@ -64,14 +63,6 @@ constexpr int64_t kMaxTokens = kMaxGridY * kTileS;  // N limit of tome_match (so
 
 // ---- tome_merge geometry ----
 constexpr int kMergeWarps = 4;  // rows per CTA (input rows in the index kernel, output rows in the gather)
-
-SF_HD int popcount32(uint32_t v) {
-#if defined(__CUDA_ARCH__)
-  return __popc(v);
-#else
-  return __builtin_popcount(v);
-#endif
-}
 
 // ---- tokens ----
 SF_HD bool role_valid(int8_t role) { return role == kSource || role == kDestination || role == kKeep; }

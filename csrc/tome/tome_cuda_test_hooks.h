@@ -36,17 +36,6 @@ using I64Array = py::array_t<int64_t, py::array::c_style | py::array::forcecast>
 
 constexpr int kLanes = kWarpSize;
 
-// warp_sum of the kernels: v += shfl_xor(v, off) for off = 16, 8, 4, 2, 1 (all lanes end equal).
-inline float warp_sum_host(const float* v32) {
-  float a[kLanes], t[kLanes];
-  for (int l = 0; l < kLanes; ++l) a[l] = v32[l];
-  for (int off = 16; off > 0; off >>= 1) {
-    for (int l = 0; l < kLanes; ++l) t[l] = a[l] + a[l ^ off];
-    for (int l = 0; l < kLanes; ++l) a[l] = t[l];
-  }
-  return a[0];
-}
-
 inline uint32_t ballot_host(const bool* flags32) {
   uint32_t m = 0;
   for (int l = 0; l < kLanes; ++l) m |= static_cast<uint32_t>(flags32[l]) << l;
