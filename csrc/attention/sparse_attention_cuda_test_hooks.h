@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "attention/sparse_attention_cuda_math.h"
+#include "common/numpy_arrays.h"
 
 namespace slimformer {
 namespace attention {
@@ -24,9 +25,6 @@ namespace cuda {
 namespace test_hooks {
 
 namespace py = pybind11;
-using F32Array = py::array_t<float, py::array::c_style | py::array::forcecast>;
-using I32Array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
-using U8Array = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
 
 // What the hardware conversion to the kernel's 16-bit type does (round to nearest even); mode 0: fp32.
 inline float round_to(float x, int mode) {

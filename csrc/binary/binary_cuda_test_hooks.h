@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "binary/binary_cuda_math.h"
+#include "common/numpy_arrays.h"
 
 namespace slimformer {
 namespace binary {
@@ -21,8 +22,6 @@ namespace cuda {
 namespace test_hooks {
 
 namespace py = pybind11;
-using I32Array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
-using F32Array = py::array_t<float, py::array::c_style | py::array::forcecast>;
 
 struct HostWeights {
   const uint32_t* qw;

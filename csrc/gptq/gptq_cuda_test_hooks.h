@@ -9,6 +9,7 @@
 #include <optional>
 #include <tuple>
 
+#include "common/numpy_arrays.h"
 #include "gptq/gptq_cuda_emulate.h"
 #include "gptq/gptq_cuda_math.h"
 #include "gptq/gptq_format.h"
@@ -19,8 +20,6 @@ namespace cuda {
 namespace test_hooks {
 
 namespace py = pybind11;
-using I32Array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
-using F32Array = py::array_t<float, py::array::c_style | py::array::forcecast>;
 
 // A buffer tagged fp32 (float32 array) or fp16/bf16 (uint16/int16 array of the raw bits).
 inline const void* typed_buffer(const py::array& a, int type, int64_t size, const char* name) {

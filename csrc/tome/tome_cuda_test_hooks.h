@@ -22,6 +22,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common/numpy_arrays.h"
 #include "tome/tome_cuda_math.h"
 
 namespace slimformer {
@@ -30,9 +31,6 @@ namespace cuda {
 namespace test_hooks {
 
 namespace py = pybind11;
-using F32Array = py::array_t<float, py::array::c_style | py::array::forcecast>;
-using I8Array = py::array_t<int8_t, py::array::c_style | py::array::forcecast>;
-using I64Array = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
 
 constexpr int kLanes = kWarpSize;
 
