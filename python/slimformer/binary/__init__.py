@@ -9,6 +9,7 @@
 - Bit layout and packing: :mod:`slimformer.binary.packing`; op semantics:
   :mod:`slimformer.binary.reference`.
 """
+from .._lazy import lazy_getattr as _lazy_getattr
 from .config import BinarizeConfig
 from .packing import LAYOUT_VERSION, binarize_weight, pack_signs, packed_shape, unpack_signs
 from .quantizers import ElasticBinarizer, WeightBinarizer, surrogate
@@ -17,16 +18,7 @@ from .train_linear import BinaryTrainLinear
 # binarize/freeze import slimformer.nn (whose BinaryLinear imports this package) and distill imports
 # transformers: loaded on first use (PEP 562).
 _LAZY = {"binarize": "patching", "freeze": "patching", "BinaryAttention": "attention", "distill": "distillation"}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = _lazy_getattr(globals(), _LAZY)
 
 
 __all__ = [

@@ -2,6 +2,7 @@
 :func:`save` and :func:`load` (standard GPTQ checkpoints: ours, AutoGPTQ, GPTQModel, optimum), the
 checkpoint format helpers (packing), pure-PyTorch references and the one-layer solver
 (:mod:`slimformer.gptq.solver`)."""
+from .._lazy import lazy_getattr as _lazy_getattr
 from .packing import (
     CHECKPOINT_FORMATS,
     SUPPORTED_BITS,
@@ -23,16 +24,7 @@ from .reference import (
 # quantize/save/load import transformers (slow) and QuantLinear (whose module imports this package):
 # loaded on first use (PEP 562).
 _LAZY = {"quantize": "quantizer", "find_blocks": "quantizer", "save": "checkpoint", "load": "checkpoint"}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = _lazy_getattr(globals(), _LAZY)
 
 
 __all__ = [
