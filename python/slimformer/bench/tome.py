@@ -147,6 +147,23 @@ def _classifier_heads(name: str) -> int:
 
 
 # -- throughput ------------------------------------------------------------------------------------
+class _CpuShare:
+    """Share of the torch threads' time this process got while a cell ran: CPU seconds (user + system)
+    / (wall seconds x torch threads). Near 1 (a little less for the serial parts) on a quiet machine;
+    clearly lower when another job competed for the cores (CPU runs only)."""
+
+    def __init__(self):
+        import resource
+
+        self._usage = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+        self.wall0, self.cpu0, self.load0 = time.perf_counter(), self._usage(), os.getloadavg()[0]
+
+    def result(self) -> dict:
+        wall = time.perf_counter() - self.wall0
+        return {"seconds": wall, "cpu_share": (self._usage() - self.cpu0) / max(wall * torch.get_num_threads(), 1e-9),
+                "load_avg_1m_start": self.load0, "load_avg_1m_end": os.getloadavg()[0]}
+
+
 def _tome():
     try:
         import slimformer.tome as tome
@@ -190,7 +207,7 @@ def _throughput_cell(args, name: str, batch: int, timer, log) -> list[dict]:
 
     samples = {"hf": [], **{r: [] for r in args.rs}}
     tokens: dict[int, list[int]] = {}
-    t_start = time.perf_counter()
+    share = _CpuShare()
     with torch.inference_mode():
         for rnd in range(args.warmup + args.rounds):
             timed = rnd >= args.warmup
@@ -211,7 +228,7 @@ def _throughput_cell(args, name: str, batch: int, timer, log) -> list[dict]:
                 if timed:
                     samples[r].append(t)
             tome.remove(model)
-    seconds = time.perf_counter() - t_start
+    cell = share.result()
     import statistics
 
     med = {k: statistics.median(v) for k, v in samples.items()}
@@ -231,13 +248,11 @@ def _throughput_cell(args, name: str, batch: int, timer, log) -> list[dict]:
             "speedup": speedup, "ideal_speedup": ideal, "gflops_per_image": flops / 1e9,
             "hf_gflops_per_image": base_flops / 1e9, "timm_tome_reference": ref.get(r),
             "hf_samples_ms": [s * 1e3 for s in samples["hf"]], "tome_samples_ms": [s * 1e3 for s in samples[r]],
-            "checks": checks})
+            "checks": checks, "cell": cell})
         log(f"    r={r:<3} tokens {tokens[r][0]}->{tokens[r][-1]:<4} hf {med['hf'] * 1e3:8.1f} ms  "
             f"tome {med[r] * 1e3:8.1f} ms  {batch / med[r]:7.2f} img/s  {speedup:.2f}x (ideal {ideal:.2f}x"
             + (f", timm ToMe {ref[r]:.2f}x" if r in ref else "") + ")")
-    log(f"    ({seconds:.0f} s)")
-    del model, encoder, x
-    gc.collect()
+    log(f"    ({cell['seconds']:.0f} s, CPU share {cell['cpu_share']:.2f})")
     return rows
 
 
@@ -337,7 +352,7 @@ def _overhead_cell(args, name: str, batch: int, timer, log) -> dict:
     tome.remove(model)
     N0 = tokens[0]
     log(f"  overhead: {name} batch {batch} r={args.overhead_r}: tokens per layer {tokens}")
-    rows, t_start = [], time.perf_counter()
+    rows, share = [], _CpuShare()
     with torch.inference_mode():
         for index, (layer, cap) in enumerate(zip(stack, captured)):
             n, r = tokens[index], tokens[index] - tokens[index + 1]
@@ -376,9 +391,16 @@ def _overhead_cell(args, name: str, batch: int, timer, log) -> dict:
                 return out, out_sizes, new_source, bias
 
             x_short = h_in[:, : n - r].contiguous()
+
+            def layer_split():  # the patched layer without the merge: attention on n, MLP on n - r tokens
+                y = h_in + layer.attention(layer.layernorm_before(h_in), bias)[0]
+                y = y[:, : n - r]
+                return y + layer.mlp(layer.layernorm_after(y))
+
             fns: dict[str, Callable[[], object]] = {
-                "ours": ours, "ours_match": ours_match, "torch_ops": torch_ops,
-                "layer_n": lambda: layer(h_in), "layer_n_minus_r": lambda: layer(x_short)}
+                "metric": lambda: F.linear(h, w_avg, b_avg), "ours": ours, "ours_match": ours_match,
+                "torch_ops": torch_ops,
+                "layer_n": lambda: layer(h_in), "layer_n_minus_r": lambda: layer(x_short), "layer_split": layer_split}
 
             # correctness: our merge against the fp64 reference on our slots (must hold); both
             # pipelines unmerged to the input tokens (agree unless near-tied scores rank differently)
@@ -400,25 +422,34 @@ def _overhead_cell(args, name: str, batch: int, timer, log) -> dict:
             times = _time_round_robin(fns, timer, args.warmup, args.rounds)
             med = {k: v * 1e6 for k, v in times.items()}
             saved = med["layer_n"] - med["layer_n_minus_r"]
-            rows.append({"layer": index, "tokens_in": n, "r": r, "ours_us": med["ours"],
+            rows.append({"layer": index, "tokens_in": n, "r": r, "ours_us": med["ours"], "metric_us": med["metric"],
                          "ours_match_us": med["ours_match"], "ours_merge_us": med["ours"] - med["ours_match"],
                          "torch_ops_us": med["torch_ops"], "layer_n_us": med["layer_n"],
                          "layer_n_minus_r_us": med["layer_n_minus_r"], "saved_per_later_layer_us": saved,
+                         "layer_split_us": med["layer_split"],
                          "later_layers": len(stack) - 1 - index,
                          "merge_rel_err_vs_reference": err, "rows_agreeing_with_torch_ops": agree,
                          "max_row_diff_vs_torch_ops": float(row_err.max())})
             log(f"    layer {index:2d} n={n:<4} r={r:<3} ours {fmt_us(med['ours'])} us (match "
                 f"{fmt_us(med['ours_match'])})  torch ops {fmt_us(med['torch_ops'])} us  layer {fmt_us(med['layer_n'])}"
                 f" us, saved/later layer {fmt_us(saved)} us  [agree {agree:.2f}]")
-    seconds = time.perf_counter() - t_start
-    log(f"    ({seconds:.0f} s)")
+    cell = share.result()
+    log(f"    ({cell['seconds']:.0f} s, CPU share {cell['cpu_share']:.2f})")
     layer0 = rows[0]["layer_n_us"] if rows and rows[0]["layer"] == 0 else None
+    # the speed-up if every layer ran as fast as the unpatched layer does on the tokens entering it
+    # (includes the lower efficiency of smaller matmuls, which the FLOP ideal ignores)
+    layer_time_ideal = (None if layer0 is None or len(rows) != len(stack)
+                        else layer0 * len(stack) / sum(r_["layer_split_us"] for r_ in rows))
     del model, encoder, captured
     gc.collect()
     return {"model": name, "batch": batch, "r": args.overhead_r, "tokens_per_layer": tokens, "protected": list(protect),
-            "input_tokens": N0, "rows": rows,
-            "sum_ours_us": sum(r_["ours_us"] for r_ in rows), "sum_torch_ops_us": sum(r_["torch_ops_us"] for r_ in rows),
-            "unpatched_encoder_us_estimate": None if layer0 is None else layer0 * len(stack)}
+            "input_tokens": N0, "rows": rows, "cell": cell,
+            "sum_ours_us": sum(r_["ours_us"] for r_ in rows),
+            "sum_torch_ops_us": sum(r_["torch_ops_us"] for r_ in rows),
+            "unpatched_encoder_us_estimate": None if layer0 is None else layer0 * len(stack),
+            "layer_time_ideal_speedup": layer_time_ideal,
+            "flop_ideal_speedup": model_flops(cfg, [N0] * len(tokens), _classifier_heads(name))
+            / model_flops(cfg, tokens, _classifier_heads(name))}
 
 
 def _time_round_robin(fns: dict[str, Callable[[], object]], timer, warmup: int, rounds: int) -> dict[str, float]:
@@ -479,11 +510,12 @@ def _markdown(payload: dict) -> str:
                          f"{r['speedup']:.2f}x", f"{r['ideal_speedup']:.2f}x",
                          f"{100 * r['speedup'] / r['ideal_speedup']:.0f}%",
                          "-" if ref is None else f"{ref:.2f}x",
-                         "-" if ref is None else f"{r['speedup'] / ref:.2f}x"])
+                         "-" if ref is None else f"{r['speedup'] / ref:.2f}x",
+                         f"{r['cell']['cpu_share']:.2f}" if c["device"] == "cpu" else "-"])
         lines += ["## Throughput", "",
                   markdown_table(["model", "batch", "r", "tokens", "HF ms", "ToMe ms", "HF img/s", "ToMe img/s",
-                                  "speed-up", "ideal", "of ideal", "timm ToMe", "vs timm ToMe"], body,
-                                 align="lrrr" + "r" * 9), "",
+                                  "speed-up", "ideal", "of ideal", "timm ToMe", "vs timm ToMe", "CPU share"], body,
+                                 align="lrrr" + "r" * 10), "",
                   "- HF = the unpatched transformers model; ToMe = the same model after `slimformer.tome.apply(model, "
                   "r=r)`; ms = median per forward of the whole batch; speed-up = HF ms / ToMe ms.",
                   "- tokens: entering the first layer -> leaving the last (ToMe's clamp: a layer merges at most half "
@@ -493,37 +525,59 @@ def _markdown(payload: dict) -> str:
                   "- timm ToMe = the original ToMe's timm patch vs unpatched timm, measured earlier on this machine "
                   "(2 cores, fp32); vs timm ToMe = our speed-up / theirs.",
                   "- gate before timing: r = 0 gives the unpatched encoder output bit for bit; every r > 0 output is "
-                  "finite.", ""]
+                  "finite.",
+                  "- CPU share (per model and batch): CPU seconds this process got / (wall seconds x torch threads); "
+                  "about 0.9-1.0 alone, clearly lower when another job competed for the cores (then the r = 0 row "
+                  "drifts from 1.00x too).", ""]
     for cell in payload.get("overhead") or []:
         body = []
         for r in cell["rows"]:
-            body.append([r["layer"], r["tokens_in"], r["r"], fmt_us(r["ours_us"]), fmt_us(r["ours_match_us"]),
-                         fmt_us(r["ours_merge_us"]), fmt_us(r["torch_ops_us"]),
-                         f"{r['torch_ops_us'] / r['ours_us']:.2f}x", fmt_us(r["layer_n_us"]),
+            body.append([r["layer"], r["tokens_in"], r["r"], fmt_us(r["ours_us"]), fmt_us(r["metric_us"]),
+                         fmt_us(r["ours_match_us"] - r["metric_us"]), fmt_us(r["ours_merge_us"]),
+                         fmt_us(r["torch_ops_us"]), f"{r['torch_ops_us'] / r['ours_us']:.2f}x",
+                         f"{(r['torch_ops_us'] - r['metric_us']) / max(r['ours_us'] - r['metric_us'], 1e-9):.2f}x",
+                         fmt_us(r["layer_n_us"]),
                          fmt_us(r["saved_per_later_layer_us"]),
                          f"{r['ours_us'] / r['saved_per_later_layer_us']:.2f}" if r["saved_per_later_layer_us"] > 0
                          else "-", f"{100 * r['ours_us'] / r['layer_n_us']:.1f}%", r["later_layers"],
                          f"{r['rows_agreeing_with_torch_ops']:.2f}"])
         est = cell["unpatched_encoder_us_estimate"]
-        body.append(["sum", "", "", fmt_us(cell["sum_ours_us"]), "", "", fmt_us(cell["sum_torch_ops_us"]),
-                     f"{cell['sum_torch_ops_us'] / max(cell['sum_ours_us'], 1e-9):.2f}x", "", "", "",
+        sum_metric = sum(r["metric_us"] for r in cell["rows"])
+        body.append(["sum", "", "", fmt_us(cell["sum_ours_us"]), fmt_us(sum_metric), "", "",
+                     fmt_us(cell["sum_torch_ops_us"]),
+                     f"{cell['sum_torch_ops_us'] / max(cell['sum_ours_us'], 1e-9):.2f}x",
+                     f"{(cell['sum_torch_ops_us'] - sum_metric) / max(cell['sum_ours_us'] - sum_metric, 1e-9):.2f}x",
+                     fmt_us(sum(r["layer_n_us"] for r in cell["rows"])), "", "",
                      "-" if est is None else f"{100 * cell['sum_ours_us'] / est:.1f}%", "", ""])
+        share = f"; CPU share {cell['cell']['cpu_share']:.2f}" if c["device"] == "cpu" else ""
         lines += [f"## Merge overhead per layer: {cell['model']}, batch {cell['batch']}, r = {cell['r']} "
-                  f"(protected tokens {cell['protected']})", "",
-                  markdown_table(["layer", "n", "r", "ours us", "match us", "merge us", "torch ops us",
-                                  "ours vs torch", "layer us", "saved us", "ours / saved", "ours / layer",
-                                  "later layers", "agree"], body, align="r" * 14), ""]
+                  f"(protected tokens {cell['protected']}{share})", "",
+                  markdown_table(["layer", "n", "r", "ours us", "metric us", "match us", "merge us", "torch ops us",
+                                  "ours vs torch", "excl. metric", "layer us", "saved us", "ours / saved",
+                                  "ours / layer", "later layers", "agree"], body, align="r" * 16), ""]
+        if cell.get("layer_time_ideal_speedup"):
+            tp = [r for r in payload.get("throughput") or [] if r["model"] == cell["model"]
+                  and r["batch"] == cell["batch"] and r["r"] == cell["r"]]
+            lines += [f"Ideal speed-up at r = {cell['r']}: FLOPs {cell['flop_ideal_speedup']:.2f}x; layer times "
+                      f"{cell['layer_time_ideal_speedup']:.2f}x (12 x layer 0's unpatched time / sum over layers of "
+                      "attention on n + MLP on n - r, timed without the merge)"
+                      + (f"; measured {tp[0]['speedup']:.2f}x" if tp else "") + ".", ""]
     if payload.get("overhead"):
         lines += ["- ours = metric (head-averaged key projection) + protected tokens and roles + `tome_match` + "
-                  "`tome_merge` + source map + log(size) bias, what a patched layer adds; match = the part up to and "
-                  "including `tome_match`, merge = the rest.",
+                  "`tome_merge` + source map + log(size) bias, what a patched layer adds; metric = the metric alone "
+                  "(one [n, D] x [D, head_dim] matmul), match = roles + `tome_match`, merge = the rest.",
                   "- torch ops = the same with plain torch ops as the original ToMe does it (normalise, a @ b^T, "
-                  "max/argmax, argsort, gather, scatter_reduce of x*size and size, divide), same metric and bookkeeping.",
-                  "- layer us = the unpatched layer (attention + MLP) on the n tokens entering it; saved us = layer on n "
-                  "minus layer on n - r tokens: what the r merged tokens would have cost in each later layer. "
+                  "max/argmax, argsort, gather, scatter_reduce of x*size and size, divide), same metric and "
+                  "bookkeeping.",
+                  "- layer us = the unpatched layer (attention + MLP) on the n tokens entering it; saved us = layer "
+                  "on n minus layer on n - r tokens: what the r merged tokens would have cost in each later layer. "
                   "ours / saved < 1: the merge pays for itself within one later layer.",
+                  "- excl. metric = (torch ops - metric) / (ours - metric): the matching + merging alone, both sides "
+                  "paying the same metric.",
                   "- sum row: ours / layer = total merge time over 12 x the first layer's time (about the unpatched "
-                  "encoder).",
+                  "encoder). Layer-time ideal: the speed-up if the merges were free, from timed layers (attention "
+                  "on the n tokens entering a layer, MLP on the n - r left); below the FLOP ideal where smaller "
+                  "matmuls run at fewer FLOP/s, above it where fewer tokens fit the caches better.",
                   "- agree = fraction of rows where ours and torch ops, unmerged to the input tokens, agree (rel. err "
                   "<= 1e-4); a row differs only when two near-tied scores rank differently. Our merge is checked "
                   "against the fp64 reference on every layer (run aborts on a mismatch).", ""]
@@ -578,6 +632,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
         for name in model_list:
             for batch in args.batches:
                 throughput += _throughput_cell(args, name, batch, timer, log)
+                gc.collect()
     if "overhead" in parts:
         for name in model_list:
             for batch in args.batches:
