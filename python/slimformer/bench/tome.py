@@ -21,9 +21,10 @@ Throughput (per model and batch, one model built once, random weights, eval, inf
 Overhead (``--parts overhead``): for one patched forward at ``--overhead-r``, the input of every
 layer (hidden states, token sizes, source map) is captured; per layer it then times, interleaved:
 
-- ours: what a patched layer adds between attention and MLP: the metric (keys averaged over heads),
-  the protected tokens and roles, ``slimformer.ops.tome_match``, ``slimformer.ops.tome_merge``, the
-  source map update and the log(size) attention bias of the next layer ("match" = up to the match);
+- ours: what a patched layer adds between attention and MLP, the steps of ``ToMeState.merge``: the
+  metric (keys averaged over heads), the protected tokens, roles and the check of r,
+  ``slimformer.ops.tome_match``, ``slimformer.ops.tome_merge``, the source map update, and the
+  log(size) attention bias of the next layer;
 - torch ops: the same matching + merging with plain torch ops, the way the original ToMe does it
   (normalised metric, scores = a @ b^T over the alternate split, max/argmax, argsort, gather,
   scatter_reduce of x * size and of size, divide), same metric, same source map bookkeeping;
@@ -336,7 +337,7 @@ def torch_ops_merge(metric: torch.Tensor, x: torch.Tensor, sizes: torch.Tensor, 
 
 def _overhead_cell(args, name: str, batch: int, timer, log) -> dict:
     from .. import ops
-    from ..tome.reference import ROLE_KEEP, merge_reference, unmerge
+    from ..tome.reference import ROLE_SOURCE, alternate_roles, merge_reference, unmerge
 
     tome = _tome()
     dev, dtype = torch.device(args.device), args.dtype_t
@@ -371,10 +372,11 @@ def _overhead_cell(args, name: str, batch: int, timer, log) -> dict:
                 where = prot_idx if source is None else source.gather(1, prot_idx)
                 return torch.zeros(batch, n, dtype=torch.bool, device=dev).scatter_(1, where, True)
 
-            def ours_match():
+            def ours_match():  # as slimformer.tome's ToMeState.merge does it (unpadded input)
                 metric = F.linear(h, w_avg, b_avg)
-                roles = (torch.arange(n, device=dev) % 2).to(torch.int8).expand(batch, n).masked_fill(
-                    protected_mask(), ROLE_KEEP)
+                roles = alternate_roles(batch, n, protected_mask(), device=dev)
+                if r > int((roles == ROLE_SOURCE).sum(1).min()):  # the per-layer check of r (a host sync)
+                    raise RuntimeError("r larger than the sources")
                 return ops.tome_match(metric, sizes, roles, r)
 
             def ours():
