@@ -2,7 +2,7 @@
 # GPU check (GUIDE.md section 6), one call on the GPU machine, about 8 minutes at most:
 #   build for the local arch only -> build info -> CUDA tests -> sparse attention kernels -> compute-sanitizer memcheck ->
 #   token merging tests + memcheck ->
-#   GPU benchmarks (GPTQ, binary, sparse attention) -> CPU tests -> racecheck / initcheck of the shared-memory kernel (if time is left)
+#   GPU benchmarks (GPTQ, binary, sparse attention, token merging) -> CPU tests -> racecheck / initcheck of the shared-memory kernel (if time is left)
 # and a report (report.md, report.json, logs/) under $OUT (default ./gpu_report). Every step has a
 # time limit within a total budget; a failing step is recorded, never fatal. Without a GPU the GPU
 # steps are recorded as skipped ("no GPU"), so the script can be dry-run anywhere.
@@ -170,6 +170,14 @@ else
     --head-dims 64,128 --budget 2 --out "$OUT/bench_sparse"
 fi
 
+# Token merging: ViT-B/16 and DeiT-S images/s vs the unpatched HF model (fp16), r = 0 / 16, batch 32.
+if [[ -z "$CC" ]]; then
+  skip_step bench_tome "no GPU"
+else
+  run_step bench_tome 90 "$PY" -m slimformer.bench tome --device cuda --batches 32 --rs 0,16 --rounds 5 \
+    --out "$OUT/bench_tome"
+fi
+
 run_step cpu_tests 120 "$PY" -m pytest -m "not cuda" -q -p no:cacheprovider "${XDIST[@]}" tests
 
 for tool in racecheck initcheck; do  # the shared-memory kernels (gemv, sparse, tome) and their workspaces
@@ -217,7 +225,7 @@ for line in (logs / "info.log").read_text().splitlines() if (logs / "info.log").
     if value.strip():
         facts[key.strip()] = value.strip()
 
-bench_md = [p for d in ("bench", "bench_binary", "bench_sparse") if (out / d).exists()
+bench_md = [p for d in ("bench", "bench_binary", "bench_sparse", "bench_tome") if (out / d).exists()
             for p in sorted((out / d).glob("*_latest.md"))]
 report = {
     "date": subprocess.run(["date", "-u", "+%FT%TZ"], capture_output=True, text=True).stdout.strip(),
