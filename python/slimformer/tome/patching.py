@@ -313,12 +313,12 @@ _CLASSES: dict[type, type] = {}
 
 
 def _tome_class(cls: type) -> type:
-    """ToMe<Layer>, a subclass whose forward merges; registered in this module so that a patched
-    model still pickles."""
+    """ToMe<Layer>, a subclass whose forward merges and which names the class it replaces; registered
+    in this module so that a patched model still pickles."""
     if cls not in _CLASSES:
         name = f"ToMe{cls.__name__}"
-        _CLASSES[cls] = globals()[name] = type(name, (cls,), {"forward": _tome_forward, "__module__": __name__,
-                                                             "__qualname__": name})
+        _CLASSES[cls] = globals()[name] = type(name, (cls,), {"forward": _tome_forward, "_tome_original_class": cls,
+                                                             "__module__": __name__, "__qualname__": name})
     return _CLASSES[cls]
 
 
@@ -398,7 +398,6 @@ def apply(model: nn.Module, r: int | Sequence[int] | tuple[int, float] = 0, *, p
     state = ToMeState(model, fam, stack, r=r, prop_attn=prop_attn, protect=protect, mode=mode, unmerge=unmerge,
                       importance_iters=importance_iters)
     for index, (layer, (key, heads)) in enumerate(zip(stack, checked)):
-        layer._tome_original_class = type(layer)
         layer._tome_state, layer._tome_index = state, index
         layer._tome_key, layer._tome_heads = key, heads
         layer.__class__ = _tome_class(type(layer))
@@ -414,7 +413,7 @@ def remove(model: nn.Module) -> nn.Module:
     state._use_attention(eager=False)
     for layer in state._layers:
         layer.__class__ = layer._tome_original_class
-        for attr in ("_tome_original_class", "_tome_state", "_tome_index", "_tome_key", "_tome_heads"):
+        for attr in ("_tome_state", "_tome_index", "_tome_key", "_tome_heads"):
             delattr(layer, attr)
     del model.tome
     return model
